@@ -1,0 +1,167 @@
+"""Calibration passes over the unpruned model: forward hooks feed the pure accumulators.
+
+Hooks read the residual stream entering a decoder layer (the layer's first input) and, for the
+last boundary, the input of the final norm. A pass stops by raising :class:`StopForward` from the
+last hook it needs, so no work is spent on later layers or on the LM head.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ghostpl.boundaries import Boundary
+from ghostpl.models import decoder_layers, final_norm
+from ghostpl.selection import SimilarityStatistics
+from ghostpl.statistics import BoundaryStatistics
+
+
+class StopForward(Exception):
+    """Raised by a hook once every statistic of the batch has been taken."""
+
+
+def _first_input(args: tuple, kwargs: dict) -> torch.Tensor:
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def stream_input_module(model: nn.Module, index: int) -> nn.Module:
+    """The module whose first input is ``h_index``: layer ``index``, or the final norm for ``L``."""
+    layers = decoder_layers(model)
+    if index == len(layers):
+        return final_norm(model)
+    return layers[index]
+
+
+@contextmanager
+def _hooks(handles: list):
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _run(model: nn.Module, batch: dict[str, torch.Tensor]) -> None:
+    try:
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+    except StopForward:
+        pass
+
+
+def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+@torch.no_grad()
+def collect_boundary_statistics(
+    model: nn.Module,
+    boundaries: Sequence[Boundary],
+    batches: Iterable[dict[str, torch.Tensor]],
+    progress: bool = True,
+    description: str = "Calibrating boundaries",
+) -> list[BoundaryStatistics]:
+    """Accumulate each boundary's float64 sums over ``batches`` in one pass of the dense model.
+
+    Each batch holds ``input_ids`` and ``attention_mask`` of shape ``(B, T)``; positions with mask 0
+    never enter a sum. The pass stops after the input of the last boundary's end layer.
+    """
+    if not boundaries:
+        raise ValueError("No boundaries to calibrate: remove at least one layer.")
+    device = _device_of(model)
+    stats: list[BoundaryStatistics | None] = [None] * len(boundaries)
+    pending: dict[int, torch.Tensor] = {}
+    token_mask: list[torch.Tensor] = []
+    last = max(b.end for b in boundaries)
+
+    def capture_pre(position: int):
+        def hook(module, args, kwargs):
+            pending[position] = _first_input(args, kwargs)[token_mask[0]]  # (N, D)
+
+        return hook
+
+    def capture_post(positions: list[int], stop: bool):
+        def hook(module, args, kwargs):
+            x_post = _first_input(args, kwargs)[token_mask[0]]  # (N, D)
+            for position in positions:
+                x_pre = pending.pop(position)
+                if stats[position] is None:
+                    stats[position] = BoundaryStatistics.zeros(x_pre.shape[-1], device=x_pre.device)
+                stats[position].add(x_pre, x_post)
+            if stop:
+                raise StopForward
+
+        return hook
+
+    handles = []
+    for position, boundary in enumerate(boundaries):
+        module = stream_input_module(model, boundary.start)
+        handles.append(module.register_forward_pre_hook(capture_pre(position), with_kwargs=True))
+    for position, boundary in enumerate(boundaries):
+        module = stream_input_module(model, boundary.end)
+        hook = capture_post([position], stop=boundary.end == last)
+        handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+
+    with _hooks(handles):
+        for batch in tqdm(batches, desc=description, disable=not progress, leave=False):
+            batch = _to_device(batch, device)
+            token_mask[:] = [batch["attention_mask"].bool()]
+            _run(model, batch)
+            pending.clear()
+
+    if any(s is None for s in stats):
+        raise ValueError("The calibration data had no batches: give at least one calibration window.")
+    return stats  # type: ignore[return-value]
+
+
+@torch.no_grad()
+def collect_similarity_statistics(
+    model: nn.Module,
+    batches: Iterable[dict[str, torch.Tensor]],
+    progress: bool = True,
+    description: str = "Calibrating selection",
+) -> SimilarityStatistics:
+    """Accumulate the cosine and angular distance between every pair of residual-stream states.
+
+    ``h_0 … h_L`` are the inputs of the ``L`` decoder layers and of the final norm. The pass stops
+    at the final norm, so the LM head never runs.
+    """
+    layers = decoder_layers(model)
+    num_states = len(layers) + 1
+    device = _device_of(model)
+    states: list[torch.Tensor] = []
+    token_mask: list[torch.Tensor] = []
+    result: SimilarityStatistics | None = None
+
+    def capture(stop: bool):
+        def hook(module, args, kwargs):
+            states.append(_first_input(args, kwargs)[token_mask[0]])  # (N, D)
+            if stop:
+                raise StopForward
+
+        return hook
+
+    handles = [layer.register_forward_pre_hook(capture(False), with_kwargs=True) for layer in layers]
+    handles.append(final_norm(model).register_forward_pre_hook(capture(True), with_kwargs=True))
+    with _hooks(handles):
+        for batch in tqdm(batches, desc=description, disable=not progress, leave=False):
+            batch = _to_device(batch, device)
+            token_mask[:] = [batch["attention_mask"].bool()]
+            states.clear()
+            _run(model, batch)
+            if len(states) != num_states:
+                raise RuntimeError(f"Captured {len(states)} residual-stream states, expected {num_states}.")
+            if result is None:
+                result = SimilarityStatistics.zeros(num_states, device=device)
+            result.add(torch.stack(states))  # (L + 1, N, D)
+            states.clear()
+    if result is None:
+        raise ValueError("The calibration data had no batches: give at least one calibration window.")
+    return result
