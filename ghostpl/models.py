@@ -179,6 +179,24 @@ def load_tokenizer(spec: str):
     return tokenizer
 
 
+def count_decoder_layers(spec: str) -> int:
+    """Read the decoder layer count from metadata alone, to check a request before loading weights."""
+    resolved = resolve_spec(spec)
+    if resolved.gguf_file is not None:
+        from gguf import GGUFReader
+
+        reader = GGUFReader(Path(resolved.path) / resolved.gguf_file)
+        field = reader.fields["general.architecture"]
+        architecture = bytes(field.parts[field.data[0]]).decode()
+        field = reader.fields[f"{architecture}.block_count"]
+        return int(field.parts[field.data[0]][0])
+    from transformers import AutoConfig
+
+    config = _from_pretrained(AutoConfig, resolved, "config")
+    config = getattr(config, "text_config", None) or config
+    return int(config.num_hidden_layers)
+
+
 def load_model(spec: str, dtype: str = "float32") -> nn.Module:
     """Load a causal LM in ``dtype``; GGUF weights are de-quantised to that dtype."""
     from transformers import AutoModelForCausalLM
