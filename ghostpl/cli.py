@@ -16,6 +16,12 @@ class GhostCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("model.model", "data.tokenizer")
 
+    def _check_request(self) -> None:
+        # Bad layer requests fail here, before the data module tokenizes any text.
+        self.model.check_request()
+
+    before_fit = before_validate = before_test = _check_request
+
 
 def build_cli(args: list[str] | None = None, run: bool = True) -> GhostCLI:
     """Parse ``args`` (or ``sys.argv``) and, with ``run``, execute the subcommand."""

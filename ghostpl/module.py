@@ -97,7 +97,7 @@ class GhostRecoveryModule(L.LightningModule):
         if self.recovered is not None:
             return
         if self.model is None:
-            self._check_request(count_decoder_layers(self.hparams.model))
+            self.check_request()
             self.model = load_model(self.hparams.model, self.hparams.dtype)
             self.model.requires_grad_(False)
         device = self.trainer.strategy.root_device
@@ -122,7 +122,7 @@ class GhostRecoveryModule(L.LightningModule):
         recovered = RecoveredModel.build(self.model, self.selection.removed)
         # Statistics come from the dense model, so calibrate before switching layouts for good.
         with recovered.pruner.dense():
-            stats = calibrate(self.model, recovered.boundaries, batches, progress=show)
+            stats = calibrate(self.model, recovered.boundaries, batches, progress=show, methods=self.methods)
         solutions = solve_all(stats, recovered.boundaries, self.methods, self.hparams.ridge)
         for method, by_boundary in solutions.items():
             recovered.add_method(method, by_boundary)
@@ -131,12 +131,16 @@ class GhostRecoveryModule(L.LightningModule):
         self.calibration_tokens = int(stats[0].count)
         self._set_method(self.methods[0])
 
-    def _check_request(self, num_layers: int) -> None:
-        """Raise on a layer request that the model cannot satisfy, before any weights are loaded."""
+    def check_request(self) -> None:
+        """Raise on a layer request the model cannot satisfy, reading only the model's metadata."""
+        if getattr(self, "_request_checked", False):
+            return
+        num_layers = count_decoder_layers(self.hparams.model)
         if self.hparams.criterion == "indices":
             validate_removed_layers(self.hparams.layers, num_layers)
         else:
             check_block_size(self.hparams.num_layers, num_layers)
+        self._request_checked = True
 
     def _set_method(self, method: str | None) -> None:
         from ghostpl.operators import set_active_method
