@@ -104,7 +104,7 @@ class Selection:
 
 
 def check_block_size(num_remove: int, num_layers: int) -> None:
-    if not isinstance(num_remove, int) or num_remove < 1:
+    if not isinstance(num_remove, int) or isinstance(num_remove, bool) or num_remove < 1:
         raise ValueError(f"Invalid number of layers to remove {num_remove!r}: set num_layers to an integer >= 1.")
     if num_remove >= num_layers:
         raise ValueError(
