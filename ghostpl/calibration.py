@@ -1,13 +1,15 @@
 """Calibration passes over the unpruned model: forward hooks feed the pure accumulators.
 
 Hooks read the residual stream entering a decoder layer (the layer's first input) and, for the
-last boundary, the input of the final norm. A pass stops by raising :class:`StopForward` from the
-last hook it needs, so no work is spent on later layers or on the LM head.
+last boundary, the input of the final norm. Methods that need the MLP branch output of the last
+kept layer before a boundary add a forward hook on that branch. A pass stops by raising
+:class:`StopForward` from the last hook it needs, so no work is spent on later layers or on the LM
+head.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -15,9 +17,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ghostpl.boundaries import Boundary
-from ghostpl.models import decoder_layers, final_norm
+from ghostpl.hadamard import hadamard_matrix
+from ghostpl.models import decoder_layers, final_norm, text_config
 from ghostpl.selection import SimilarityStatistics
-from ghostpl.statistics import BoundaryStatistics
+from ghostpl.statistics import MLP_OUTPUT, ROTATED_ABS, BoundaryStatistics, check_extra_kinds
 
 
 class StopForward(Exception):
@@ -34,6 +37,42 @@ def stream_input_module(model: nn.Module, index: int) -> nn.Module:
     if index == len(layers):
         return final_norm(model)
     return layers[index]
+
+
+def mlp_branch_module(model: nn.Module, index: int) -> nn.Module:
+    """Return the module of layer ``index`` whose output is the MLP term added to the residual stream.
+
+    That is the MLP itself in Llama, Mistral and Qwen2, and the norm after it
+    (``post_feedforward_layernorm``) in Gemma 3.
+    """
+    layer = decoder_layers(model)[index]
+    post_norm = getattr(layer, "post_feedforward_layernorm", None)
+    if isinstance(post_norm, nn.Module):
+        return post_norm
+    mlp = getattr(layer, "mlp", None)
+    if not isinstance(mlp, nn.Module):
+        raise ValueError(f"Cannot find the MLP of decoder layer {index} ({type(layer).__name__}): expected an attribute 'mlp'.")
+    return mlp
+
+
+def check_kept_layer_before(boundaries: Sequence[Boundary], method: str) -> None:
+    """Raise if a boundary starts at layer 0, where no kept layer's MLP output precedes the gap."""
+    for boundary in boundaries:
+        if boundary.start == 0:
+            raise ValueError(
+                f"{method} needs a kept layer before the first removed one, but boundary {boundary.name} "
+                "starts at layer 0: keep layer 0, or use ghost, whose operator acts on the stream itself."
+            )
+
+
+def rotation_for(hidden_size: int, method: str = "linearpatch_rotate") -> torch.Tensor:
+    """Return the normalised Hadamard matrix of ``hidden_size``, or raise a ``ValueError`` that names ``method``."""
+    try:
+        return hadamard_matrix(hidden_size)
+    except ValueError as error:
+        raise ValueError(
+            f"{method} cannot rotate hidden size {hidden_size}. {error} Use linearpatch_diag for this model."
+        ) from error
 
 
 @contextmanager
@@ -67,17 +106,31 @@ def collect_boundary_statistics(
     batches: Iterable[dict[str, torch.Tensor]],
     progress: bool = True,
     description: str = "Calibrating boundaries",
+    extras: Collection[str] = (),
 ) -> list[BoundaryStatistics]:
     """Accumulate each boundary's float64 sums over ``batches`` in one pass of the dense model.
 
     Each batch holds ``input_ids`` and ``attention_mask`` of shape ``(B, T)``; positions with mask 0
     never enter a sum. The pass stops after the input of the last boundary's end layer.
+
+    ``extras`` names the optional sums to collect in the same pass (see
+    :data:`ghostpl.statistics.EXTRA_KINDS`): ``rotated_abs`` rotates both streams by the normalised
+    Hadamard matrix of the hidden size, and ``mlp_output`` hooks the MLP branch of layer
+    ``start - 1``, so it raises ``ValueError`` for a boundary that starts at layer 0.
     """
     if not boundaries:
         raise ValueError("No boundaries to calibrate: remove at least one layer.")
+    extras = check_extra_kinds(extras)
     device = _device_of(model)
+    rotation = None
+    if ROTATED_ABS in extras:
+        rotation = rotation_for(int(text_config(model).hidden_size)).to(device)
+    with_mlp = MLP_OUTPUT in extras
+    if with_mlp:
+        check_kept_layer_before(boundaries, "replaceme")
     stats: list[BoundaryStatistics | None] = [None] * len(boundaries)
     pending: dict[int, torch.Tensor] = {}
+    pending_mlp: dict[int, torch.Tensor] = {}
     token_mask: list[torch.Tensor] = []
     last = max(b.end for b in boundaries)
 
@@ -87,14 +140,22 @@ def collect_boundary_statistics(
 
         return hook
 
+    def capture_mlp(position: int):
+        def hook(module, args, output):
+            branch = output if isinstance(output, torch.Tensor) else output[0]
+            pending_mlp[position] = branch[token_mask[0]]  # (N, D)
+
+        return hook
+
     def capture_post(positions: list[int], stop: bool):
         def hook(module, args, kwargs):
             x_post = _first_input(args, kwargs)[token_mask[0]]  # (N, D)
             for position in positions:
                 x_pre = pending.pop(position)
                 if stats[position] is None:
-                    stats[position] = BoundaryStatistics.zeros(x_pre.shape[-1], device=x_pre.device)
-                stats[position].add(x_pre, x_post)
+                    stats[position] = BoundaryStatistics.zeros(x_pre.shape[-1], device=x_pre.device, extras=extras)
+                mlp_output = pending_mlp.pop(position) if with_mlp else None
+                stats[position].add(x_pre, x_post, rotation=rotation, mlp_output=mlp_output)
             if stop:
                 raise StopForward
 
@@ -104,6 +165,9 @@ def collect_boundary_statistics(
     for position, boundary in enumerate(boundaries):
         module = stream_input_module(model, boundary.start)
         handles.append(module.register_forward_pre_hook(capture_pre(position), with_kwargs=True))
+        if with_mlp:
+            branch = mlp_branch_module(model, boundary.start - 1)
+            handles.append(branch.register_forward_hook(capture_mlp(position)))
     for position, boundary in enumerate(boundaries):
         module = stream_input_module(model, boundary.end)
         hook = capture_post([position], stop=boundary.end == last)
@@ -115,6 +179,7 @@ def collect_boundary_statistics(
             token_mask[:] = [batch["attention_mask"].bool()]
             _run(model, batch)
             pending.clear()
+            pending_mlp.clear()
 
     if any(s is None for s in stats):
         raise ValueError("The calibration data had no batches: give at least one calibration window.")

@@ -1,9 +1,12 @@
 """Modules installed at pruning boundaries of a pruned model.
 
-Each boundary gets one :class:`BoundaryAdapter`. It is attached as a child module of the first
-surviving layer after the gap (or of the final norm when the gap reaches the last layer), and a
-forward pre-hook passes that module's input through the active operator. The operators of several
-recovery methods can sit side by side in one adapter, which lets one model evaluate all of them.
+Each boundary gets one input :class:`BoundaryAdapter`. It is attached as a child module of the
+first surviving layer after the gap (or of the final norm when the gap reaches the last layer), and
+a forward pre-hook passes that module's input through the active operator. A method whose operator
+acts on a module's output instead (replaceme, on the MLP output of the last kept layer before the
+gap) gets a second, output adapter per boundary, applied by a forward hook. The operators of several
+recovery methods can sit side by side in one adapter, which lets one model evaluate all of them. An
+adapter with no operator for the active method passes its tensor through unchanged.
 """
 
 from __future__ import annotations
@@ -13,6 +16,11 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 ADAPTER_ATTRIBUTE = "ghost_adapter"
+
+# Adapter positions: the host's first input (a forward pre-hook) or the host's output (a forward hook).
+INPUT = "input"
+OUTPUT = "output"
+POSITIONS = (INPUT, OUTPUT)
 
 
 class LinearOperator(nn.Module):
@@ -40,23 +48,34 @@ class LinearOperator(nn.Module):
 
 
 class BoundaryAdapter(nn.Module):
-    """Operators of one boundary, keyed by method, of which at most one is active."""
+    """Operators of one boundary, keyed by method, of which at most one is active.
 
-    def __init__(self, boundary_name: str):
+    ``position`` records whether the adapter transforms its host's input or its output.
+    """
+
+    def __init__(self, boundary_name: str, position: str = INPUT):
         super().__init__()
+        if position not in POSITIONS:
+            raise ValueError(f"Invalid adapter position {position!r}: set one of {', '.join(POSITIONS)}.")
         self.boundary_name = boundary_name
+        self.position = position
         self.operators = nn.ModuleDict()
         self.active: str | None = None
 
+    @property
+    def applies(self) -> bool:
+        """True when the active method has an operator here. Otherwise the adapter is the identity."""
+        return self.active is not None and self.active in self.operators
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.active is None:
+        if not self.applies:
             return x
         return self.operators[self.active](x)
 
 
 def _apply_adapter(module: nn.Module, args: tuple, kwargs: dict):
     adapter = getattr(module, ADAPTER_ATTRIBUTE)
-    if adapter.active is None:
+    if not adapter.applies:
         return None
     if args:
         return (adapter(args[0]), *args[1:]), kwargs
@@ -65,11 +84,26 @@ def _apply_adapter(module: nn.Module, args: tuple, kwargs: dict):
     return args, kwargs
 
 
+def _apply_output_adapter(module: nn.Module, args: tuple, output):
+    adapter = getattr(module, ADAPTER_ATTRIBUTE)
+    if not adapter.applies:
+        return None
+    if isinstance(output, torch.Tensor):
+        return adapter(output)
+    return (adapter(output[0]), *output[1:])
+
+
 def attach_adapter(host: nn.Module, adapter: BoundaryAdapter) -> RemovableHandle:
-    """Make ``adapter`` a child of ``host`` and apply it to the host's first input."""
+    """Make ``adapter`` a child of ``host`` and apply it to the host's first input or to its output.
+
+    The adapter's ``position`` selects which. An output that is a tuple has its first element
+    transformed.
+    """
     if hasattr(host, ADAPTER_ATTRIBUTE):
         raise ValueError(f"{type(host).__name__} already carries a boundary adapter.")
     host.add_module(ADAPTER_ATTRIBUTE, adapter)
+    if adapter.position == OUTPUT:
+        return host.register_forward_hook(_apply_output_adapter)
     return host.register_forward_pre_hook(_apply_adapter, with_kwargs=True)
 
 
@@ -80,19 +114,29 @@ def iter_adapters(model: nn.Module):
 
 
 def set_active_method(model: nn.Module, method: str | None) -> None:
-    """Activate ``method`` in every adapter of ``model``; ``None`` gives the plain pruned model."""
-    for adapter in iter_adapters(model):
-        if method is not None and method not in adapter.operators:
-            raise KeyError(f"Boundary {adapter.boundary_name} has no operator for method {method!r}.")
+    """Activate ``method`` in every adapter of ``model``; ``None`` gives the plain pruned model.
+
+    Raises ``KeyError`` if some boundary has no operator for ``method`` in any of its adapters.
+    """
+    adapters = list(iter_adapters(model))
+    if method is not None:
+        boundaries = {adapter.boundary_name for adapter in adapters}
+        covered = {adapter.boundary_name for adapter in adapters if method in adapter.operators}
+        missing = sorted(boundaries - covered)
+        if missing:
+            raise KeyError(f"Boundary {missing[0]} has no operator for method {method!r}.")
+    for adapter in adapters:
         adapter.active = method
 
 
-def install_adapters(hosts: dict[str, nn.Module]) -> tuple[dict[str, BoundaryAdapter], list[RemovableHandle]]:
-    """Attach an empty adapter to each host, keyed by boundary name."""
+def install_adapters(
+    hosts: dict[str, nn.Module], position: str = INPUT
+) -> tuple[dict[str, BoundaryAdapter], list[RemovableHandle]]:
+    """Attach an empty adapter at ``position`` to each host, keyed by boundary name."""
     adapters: dict[str, BoundaryAdapter] = {}
     handles: list[RemovableHandle] = []
     for name, host in hosts.items():
-        adapter = BoundaryAdapter(name)
+        adapter = BoundaryAdapter(name, position)
         handles.append(attach_adapter(host, adapter))
         adapters[name] = adapter
     return adapters, handles

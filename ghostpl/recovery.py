@@ -9,29 +9,94 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
 
+from ghostpl.baselines import solve_linearpatch_diag, solve_linearpatch_rotate, solve_lstsq_diag, solve_replaceme
 from ghostpl.boundaries import Boundary, boundaries_of
-from ghostpl.calibration import collect_boundary_statistics, collect_similarity_statistics, stream_input_module
+from ghostpl.calibration import (
+    check_kept_layer_before,
+    collect_boundary_statistics,
+    collect_similarity_statistics,
+    mlp_branch_module,
+    stream_input_module,
+)
 from ghostpl.models import decoder_layers
-from ghostpl.operators import BoundaryAdapter, LinearOperator, install_adapters, set_active_method
+from ghostpl.operators import INPUT, OUTPUT, BoundaryAdapter, LinearOperator, install_adapters, set_active_method
 from ghostpl.pruning import LayerPruner
 from ghostpl.selection import Selection, SimilarityStatistics, select_layers
 from ghostpl.solvers import Solution, solve_ghost
-from ghostpl.statistics import BoundaryStatistics, all_reduce_statistics, all_reduce_tensors
+from ghostpl.statistics import (
+    MLP_OUTPUT,
+    ROTATED_ABS,
+    BoundaryStatistics,
+    all_reduce_statistics,
+    all_reduce_tensors,
+    check_extra_kinds,
+)
 
 log = logging.getLogger(__name__)
 
 Batches = Callable[[], Iterable[dict[str, torch.Tensor]]]
+Solver = Callable[[BoundaryStatistics, float], Solution]
+
+
+@dataclass(frozen=True)
+class RecoveryMethod:
+    """A recovery method: its solver, the optional sums it needs, and where its operator acts.
+
+    Attributes:
+        name: the name used in ``methods`` lists, logs and results.
+        solve: maps one boundary's statistics and the relative ridge to a :class:`Solution`.
+        statistics: kinds of optional sums (:data:`ghostpl.statistics.EXTRA_KINDS`) that the
+            calibration pass must collect for this method.
+        position: ``"input"`` for an operator on the residual stream entering the first layer after
+            the gap, ``"output"`` for one on the MLP branch output of the last kept layer before it.
+    """
+
+    name: str
+    solve: Solver
+    statistics: frozenset[str] = frozenset()
+    position: str = INPUT
+
+
+METHODS: dict[str, RecoveryMethod] = {
+    method.name: method
+    for method in (
+        RecoveryMethod("ghost", solve_ghost),
+        RecoveryMethod("linearpatch_diag", solve_linearpatch_diag),
+        RecoveryMethod("linearpatch_rotate", solve_linearpatch_rotate, statistics=frozenset({ROTATED_ABS})),
+        RecoveryMethod("lstsq_diag", solve_lstsq_diag),
+        RecoveryMethod("replaceme", solve_replaceme, statistics=frozenset({MLP_OUTPUT}), position=OUTPUT),
+    )
+}
 
 # Solvers by method name; each maps one boundary's statistics and the relative ridge to a Solution.
-SOLVERS: dict[str, Callable[[BoundaryStatistics, float], Solution]] = {"ghost": solve_ghost}
+# A solver added here alone is a method on the stream input that needs only the base sums.
+SOLVERS: dict[str, Solver] = {name: method.solve for name, method in METHODS.items()}
 
 DENSE = "dense"
 PRUNED = "pruned"
+
+
+def method_spec(name: str) -> RecoveryMethod:
+    """Return the :class:`RecoveryMethod` of ``name``, with its solver taken from :data:`SOLVERS`."""
+    if name not in SOLVERS:
+        raise ValueError(f"Invalid recovery method {name!r}: set one of {', '.join(SOLVERS)}.")
+    registered = METHODS.get(name)
+    if registered is None:
+        return RecoveryMethod(name, SOLVERS[name])
+    return replace(registered, solve=SOLVERS[name])
+
+
+def required_statistics(methods: Iterable[str]) -> list[str]:
+    """Kinds of optional sums that the calibration pass must collect for ``methods``."""
+    kinds: set[str] = set()
+    for name in methods:
+        kinds |= method_spec(name).statistics
+    return check_extra_kinds(kinds)
 
 
 def check_methods(methods: list[str]) -> list[str]:
@@ -68,10 +133,24 @@ def choose_layers(
 
 
 def calibrate(
-    model: nn.Module, boundaries: list[Boundary], batches: Batches, progress: bool = True
+    model: nn.Module,
+    boundaries: list[Boundary],
+    batches: Batches,
+    progress: bool = True,
+    methods: list[str] | None = None,
 ) -> list[BoundaryStatistics]:
-    """One pass of boundary statistics, summed over every rank."""
-    stats = collect_boundary_statistics(model, boundaries, batches(), progress=progress)
+    """Collect one pass of boundary statistics, summed over every rank.
+
+    ``methods`` selects the optional sums collected in the same pass; ``None`` collects only the
+    base sums, which ghost, linearpatch_diag and lstsq_diag need. Requirements that the model or
+    the boundaries cannot meet (a hidden size with no Hadamard matrix, replaceme with a boundary at
+    layer 0) raise ``ValueError`` before the pass.
+    """
+    extras = required_statistics(methods or [])
+    for name in methods or []:
+        if method_spec(name).position == OUTPUT:
+            check_kept_layer_before(boundaries, name)
+    stats = collect_boundary_statistics(model, boundaries, batches(), progress=progress, extras=extras)
     all_reduce_statistics(stats)
     return stats
 
@@ -82,9 +161,12 @@ def solve_all(
     """Solve every method at every boundary: ``{method: {boundary name: Solution}}``."""
     solutions: dict[str, dict[str, Solution]] = {}
     for method in methods:
+        spec = method_spec(method)
+        if spec.position == OUTPUT:
+            check_kept_layer_before(boundaries, method)
         solutions[method] = {}
         for boundary, boundary_stats in zip(boundaries, stats):
-            solution = SOLVERS[method](boundary_stats, relative_ridge)
+            solution = spec.solve(boundary_stats, relative_ridge)
             solutions[method][boundary.name] = solution
             log.info(
                 "%s at boundary %s: residual %.4f of the pruned model's, solver %s, ridge %.3g",
@@ -102,6 +184,9 @@ class RecoveredModel:
     """A model with layers removed and one adapter per boundary, switchable between variants.
 
     Variants: ``dense`` (the unpruned model), ``pruned`` (no operator), and one per method.
+    ``adapters`` act on the stream entering each boundary's end. ``output_adapters`` act on the MLP
+    branch output of layer ``start - 1``, and they are attached when the first method of that
+    position is added.
     """
 
     model: nn.Module
@@ -109,6 +194,7 @@ class RecoveredModel:
     boundaries: list[Boundary]
     adapters: dict[str, BoundaryAdapter]
     handles: list = field(default_factory=list)
+    output_adapters: dict[str, BoundaryAdapter] = field(default_factory=dict)
 
     @classmethod
     def build(cls, model: nn.Module, removed: list[int]) -> RecoveredModel:
@@ -122,26 +208,57 @@ class RecoveredModel:
 
     @property
     def methods(self) -> list[str]:
-        first = next(iter(self.adapters.values()))
-        return list(first.operators)
+        """Installed methods, those on the stream input first."""
+        boundary = self.boundaries[0].name
+        methods = list(self.adapters[boundary].operators)
+        if boundary in self.output_adapters:
+            methods += [m for m in self.output_adapters[boundary].operators if m not in methods]
+        return methods
 
     @property
     def variants(self) -> list[str]:
         return [DENSE, PRUNED, *self.methods]
 
     def add_method(self, method: str, solutions: dict[str, Solution], dtype: torch.dtype = torch.float32) -> None:
-        """Install one operator per boundary for ``method`` from its solutions."""
+        """Install one operator per boundary for ``method`` from its solutions.
+
+        A method on the MLP output (replaceme) gets its operator on the MLP branch of layer
+        ``start - 1``, which must exist, so a boundary at layer 0 raises ``ValueError``.
+        """
+        adapters = self._output_adapters(method) if method_spec(method).position == OUTPUT else self.adapters
+        device = next(self.model.parameters()).device
         for boundary in self.boundaries:
             delta = solutions[boundary.name].delta
             operator = LinearOperator(delta.shape[0], delta, dtype=dtype)
-            device = next(self.model.parameters()).device
-            self.adapters[boundary.name].operators[method] = operator.to(device)
+            adapters[boundary.name].operators[method] = operator.to(device)
 
-    def describe_hosts(self) -> dict[str, str]:
-        """Where each boundary's operator is applied in the pruned model."""
+    def _output_adapters(self, method: str) -> dict[str, BoundaryAdapter]:
+        """Return the output adapters, attaching one to each boundary's MLP branch on first use."""
+        if not self.output_adapters:
+            check_kept_layer_before(self.boundaries, method)
+            with self.pruner.dense():
+                hosts = {b.name: mlp_branch_module(self.model, b.start - 1) for b in self.boundaries}
+            adapters, handles = install_adapters(hosts, position=OUTPUT)
+            active = next(iter(self.adapters.values())).active
+            for adapter in adapters.values():
+                adapter.active = active
+            self.output_adapters.update(adapters)
+            self.handles.extend(handles)
+        return self.output_adapters
+
+    def describe_hosts(self, method: str | None = None) -> dict[str, str]:
+        """Describe where each boundary's operator is applied in the pruned model.
+
+        Without ``method``, or for a method on the stream input, this is the input of the first
+        layer after the gap. For a method on the MLP output, it is the MLP branch output of the
+        last layer before the gap.
+        """
         hosts = {}
+        output = method is not None and method_spec(method).position == OUTPUT
         for boundary in self.boundaries:
-            if boundary.end == self.pruner.num_layers:
+            if output:
+                hosts[boundary.name] = f"MLP branch output of pruned layer {self.pruner.new_index(boundary.start - 1)}"
+            elif boundary.end == self.pruner.num_layers:
                 hosts[boundary.name] = "input of the final norm"
             else:
                 hosts[boundary.name] = f"input of pruned layer {self.pruner.new_index(boundary.end)}"

@@ -17,26 +17,38 @@ from ghostpl.statistics import ACCUMULATION_DTYPE, BoundaryStatistics
 log = logging.getLogger(__name__)
 
 
+CHOLESKY = "cholesky"
+EIGH_PINV = "eigh_pinv"
+# Solver name of the operators given by a per-channel formula, with no linear system to factorise.
+CLOSED_FORM = "closed_form"
+FALLBACK_SOLVERS = frozenset({EIGH_PINV})
+
+
 @dataclass
 class Solution:
     """An operator ``W = I + delta`` with the facts of how it was solved.
 
     Attributes:
         delta: ``M = W - I``, ``(D, D)`` float64.
-        ridge: the absolute ridge term λ that was added to the diagonal.
-        solver: ``"cholesky"``, or the fallback that was used when the factorisation failed.
+        ridge: the absolute ridge term λ that was added to the diagonal (0.0 where none is used).
+        solver: ``"cholesky"``, ``"closed_form"`` for per-channel formulas, or ``"eigh_pinv"``, the
+            fallback used when the Cholesky factorisation failed.
         residual: ``‖X_pre W - X_post‖² / ‖X_pre - X_post‖²`` on the calibration tokens, so 1.0 is
-            the plain pruned model and 0.0 a perfect repair.
+            the plain pruned model and 0.0 a perfect repair. An operator applied elsewhere than at
+            ``X_pre`` reports the residual of the stream it produces at the boundary instead.
+        guarded_channels: number of channels with no signal, that is with a zero denominator.
+            Their scale is set to 1 instead of being solved. Only the per-channel methods set it.
     """
 
     delta: torch.Tensor
     ridge: float
     solver: str
     residual: float
+    guarded_channels: int = 0
 
     @property
     def fallback(self) -> bool:
-        return self.solver != "cholesky"
+        return self.solver in FALLBACK_SOLVERS
 
 
 def ridge_term(XtX: torch.Tensor, relative_ridge: float) -> float:
@@ -58,12 +70,16 @@ def solve_regularized(A: torch.Tensor, B: torch.Tensor, ridge: float) -> tuple[t
     eye = torch.eye(A.shape[0], dtype=A.dtype, device=A.device)
     regularized = A + ridge * eye
     factor, info = torch.linalg.cholesky_ex(regularized)
-    if int(info) == 0:
+    # A singular matrix often factorises with a tiny positive pivot instead of failing, so the
+    # pivots' spread is checked too: a squared ratio at machine precision means rank deficiency.
+    pivots = factor.diagonal()
+    well_conditioned = bool(pivots.min() > 0) and float(pivots.min() / pivots.max()) ** 2 > A.shape[0] * torch.finfo(A.dtype).eps
+    if int(info) == 0 and well_conditioned:
         solution = torch.cholesky_solve(B, factor)
         if torch.isfinite(solution).all():
-            return solution, "cholesky"
+            return solution, CHOLESKY
     log.warning(
-        "Cholesky factorisation failed (info=%d, ridge=%.3g); using an eigendecomposition pseudo-inverse. "
+        "Cholesky factorisation failed or is near singular (info=%d, ridge=%.3g); using an eigendecomposition pseudo-inverse. "
         "Raise the ridge or use more calibration tokens if the repair is poor.",
         int(info),
         ridge,
@@ -72,7 +88,7 @@ def solve_regularized(A: torch.Tensor, B: torch.Tensor, ridge: float) -> tuple[t
     cutoff = eigenvalues.abs().max() * A.shape[0] * torch.finfo(A.dtype).eps
     inverse = torch.where(eigenvalues.abs() > cutoff, 1.0 / eigenvalues, torch.zeros_like(eigenvalues))
     solution = eigenvectors @ (inverse[:, None] * (eigenvectors.T @ B))
-    return solution, "eigh_pinv"
+    return solution, EIGH_PINV
 
 
 def relative_residual(stats: BoundaryStatistics, delta: torch.Tensor) -> float:
@@ -80,13 +96,22 @@ def relative_residual(stats: BoundaryStatistics, delta: torch.Tensor) -> float:
 
     With ``D = X_post - X_pre``, the residual is ``‖X M - D‖² = ‖D‖² - 2 tr(Mᵀ XᵀD) + tr(Mᵀ XᵀX M)``.
     """
+    return correction_residual(stats.XtX, stats.XtDelta, stats.delta_sq, delta)
+
+
+def correction_residual(gram: torch.Tensor, cross: torch.Tensor, delta_sq: torch.Tensor, delta: torch.Tensor) -> float:
+    """Return ``‖A M - D‖² / ‖D‖²`` from ``gram = AᵀA``, ``cross = AᵀD`` and ``delta_sq = ‖D‖²``.
+
+    ``A`` is whatever the correction ``A M`` is computed from: ``X_pre`` for an operator on the
+    stream, or the MLP output ``m`` for an operator on that output. A zero ``‖D‖²`` returns 0.0.
+    """
     delta = delta.to(ACCUMULATION_DTYPE)
-    baseline = float(stats.delta_sq)
+    baseline = float(delta_sq)
     if baseline == 0.0:
         return 0.0
-    cross = float((delta * stats.XtDelta).sum())
-    quadratic = float((delta * (stats.XtX @ delta)).sum())
-    return (baseline - 2.0 * cross + quadratic) / baseline
+    linear = float((delta * cross).sum())
+    quadratic = float((delta * (gram @ delta)).sum())
+    return (baseline - 2.0 * linear + quadratic) / baseline
 
 
 def solve_ghost(stats: BoundaryStatistics, relative_ridge: float = 1e-4) -> Solution:
