@@ -267,7 +267,8 @@ class GhostRecoveryModule(L.LightningModule):
             return
         directory.mkdir(parents=True, exist_ok=True)
         write_json_atomic(directory / "results.json", self.results)
-        rank_zero_info(f"Wrote {directory / 'results.json'}")
+        save_solutions_atomic(directory / "operators.safetensors", self.solutions)
+        rank_zero_info(f"Wrote {directory / 'results.json'} and {directory / 'operators.safetensors'}")
 
     @rank_zero_only
     def _log_selection_scores(self) -> None:
@@ -290,6 +291,25 @@ def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
         with os.fdopen(handle, "w") as out:
             json.dump(payload, out, indent=2, default=_json_default)
             out.write("\n")
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def save_solutions_atomic(path: Path, solutions: dict[str, dict[str, Any]]) -> None:
+    """Save every solved ``M = W - I`` in float64 as ``<method>/<boundary>`` in a safetensors file."""
+    from safetensors.torch import save_file
+
+    tensors = {
+        f"{method}/{boundary}": solution.delta.detach().to("cpu", torch.float64).contiguous()
+        for method, by_boundary in solutions.items()
+        for boundary, solution in by_boundary.items()
+    }
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        save_file(tensors, temporary, metadata={"format": "pt", "layout": "x_new = x (I + M), rows are tokens"})
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
