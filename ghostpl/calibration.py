@@ -116,7 +116,7 @@ def collect_boundary_statistics(
     ``extras`` names the optional sums to collect in the same pass (see
     :data:`ghostpl.statistics.EXTRA_KINDS`): ``rotated_abs`` rotates both streams by the normalised
     Hadamard matrix of the hidden size, and ``mlp_output`` hooks the MLP branch of layer
-    ``start - 1``, so it raises ``ValueError`` for a boundary that starts at layer 0.
+    ``start - 1`` of every boundary that does not start at layer 0.
     """
     if not boundaries:
         raise ValueError("No boundaries to calibrate: remove at least one layer.")
@@ -126,8 +126,10 @@ def collect_boundary_statistics(
     if ROTATED_ABS in extras:
         rotation = rotation_for(int(text_config(model).hidden_size)).to(device)
     with_mlp = MLP_OUTPUT in extras
-    if with_mlp:
-        check_kept_layer_before(boundaries, "replaceme")
+    # A boundary at layer 0 has no kept MLP before it, so its statistics go without the MLP sums.
+    boundary_extras = [
+        [kind for kind in extras if kind != MLP_OUTPUT or boundary.start > 0] for boundary in boundaries
+    ]
     stats: list[BoundaryStatistics | None] = [None] * len(boundaries)
     pending: dict[int, torch.Tensor] = {}
     pending_mlp: dict[int, torch.Tensor] = {}
@@ -153,8 +155,10 @@ def collect_boundary_statistics(
             for position in positions:
                 x_pre = pending.pop(position)
                 if stats[position] is None:
-                    stats[position] = BoundaryStatistics.zeros(x_pre.shape[-1], device=x_pre.device, extras=extras)
-                mlp_output = pending_mlp.pop(position) if with_mlp else None
+                    stats[position] = BoundaryStatistics.zeros(
+                        x_pre.shape[-1], device=x_pre.device, extras=boundary_extras[position]
+                    )
+                mlp_output = pending_mlp.pop(position, None)
                 stats[position].add(x_pre, x_post, rotation=rotation, mlp_output=mlp_output)
             if stop:
                 raise StopForward
@@ -165,13 +169,17 @@ def collect_boundary_statistics(
     for position, boundary in enumerate(boundaries):
         module = stream_input_module(model, boundary.start)
         handles.append(module.register_forward_pre_hook(capture_pre(position), with_kwargs=True))
-        if with_mlp:
+        if MLP_OUTPUT in boundary_extras[position]:
             branch = mlp_branch_module(model, boundary.start - 1)
             handles.append(branch.register_forward_hook(capture_mlp(position)))
+    # Boundaries of different plans can end at the same layer: one hook serves them all, so the
+    # hook that stops the pass runs after every boundary that ends there has its sums.
+    ends: dict[int, list[int]] = {}
     for position, boundary in enumerate(boundaries):
-        module = stream_input_module(model, boundary.end)
-        hook = capture_post([position], stop=boundary.end == last)
-        handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+        ends.setdefault(boundary.end, []).append(position)
+    for end, positions in ends.items():
+        hook = capture_post(positions, stop=end == last)
+        handles.append(stream_input_module(model, end).register_forward_pre_hook(hook, with_kwargs=True))
 
     with _hooks(handles):
         for batch in tqdm(batches, desc=description, disable=not progress, leave=False):

@@ -2,36 +2,69 @@
 
 from __future__ import annotations
 
-import json
 import logging
-import math
-import os
-import tempfile
+import re
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
+from torchmetrics import SumMetric
 from torchmetrics.text import Perplexity
 
 from ghostpl.boundaries import validate_removed_layers
+from ghostpl.calibration import check_kept_layer_before
 from ghostpl.models import count_decoder_layers, decoder_layers, load_model, parse_dtype
 from ghostpl.recovery import (
     DENSE,
     PRUNED,
+    PlanRequest,
     RecoveredModel,
     calibrate,
     check_methods,
-    choose_layers,
+    expand_plans,
+    method_applies,
+    similarity_statistics,
     solve_all,
 )
-from ghostpl.selection import CRITERIA, Selection, check_block_size
+from ghostpl.reports import (
+    console_table,
+    markdown_table,
+    plan_results,
+    save_figure_atomic,
+    save_operators_atomic,
+    write_json_atomic,
+    write_text_atomic,
+)
+from ghostpl.selection import Selection, check_block_size, select_layers
+from ghostpl.solvers import Solution
 
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
+
+
+class Plan:
+    """A pruning plan after setup: its selection, its recovered model and its solutions."""
+
+    def __init__(self, request: PlanRequest, selection: Selection, recovered: RecoveredModel):
+        self.request = request
+        self.selection = selection
+        self.recovered = recovered
+        self.solutions: dict[str, dict[str, Solution]] = {}
+        self.skipped: dict[str, str] = {}
+
+    def applicable(self, methods: list[str]) -> list[str]:
+        return [m for m in methods if m not in self.skipped]
+
+    @property
+    def label(self) -> str:
+        return self.request.label
+
+    def metric_name(self, variant: str) -> str:
+        return f"{self.label}/{variant}" if self.label else variant
 
 
 class GhostRecoveryModule(L.LightningModule):
@@ -43,16 +76,23 @@ class GhostRecoveryModule(L.LightningModule):
     ``validate`` and ``test`` report the held-out perplexity of the dense model, the pruned model
     without repair, and each recovery method.
 
+    Lists of criteria or layer counts compare every combination in one run: the selection pass
+    and the boundary calibration pass are shared, and each combination is evaluated on the same
+    windows.
+
     Args:
         model: The model to prune: an embedded model name (``smollm2-135m``, ``gemma3-270m``), a
             ``.gguf`` file, a local Hugging Face directory, or a hub id.
         dtype: Dtype the model runs in: float32, bfloat16 or float16. Statistics are always summed
             in float64 and operators are kept in float32.
-        criterion: How layers are chosen: ``cosine`` or ``angular`` (most similar contiguous block),
-            ``block_influence`` (least influential single layers), or ``indices`` (``layers``).
-        num_layers: Number of decoder layers to remove, for every criterion but ``indices``.
+        criterion: How layers are chosen, or a list of criteria to compare: ``cosine`` or
+            ``angular`` (most similar contiguous block), ``block_influence`` (least influential
+            single layers), or ``indices`` (``layers``).
+        num_layers: Number of decoder layers to remove, or a list of numbers to compare, for every
+            criterion but ``indices``.
         layers: 0-based indices of the layers to remove, for criterion ``indices``.
-        methods: Recovery methods to solve and evaluate side by side.
+        methods: Recovery methods to solve and evaluate side by side: ghost, linearpatch_diag,
+            linearpatch_rotate, lstsq_diag, replaceme.
         ridge: Ridge term relative to the mean diagonal of ``XᵀX`` (0 disables it).
         progress: Show progress bars for the calibration passes.
     """
@@ -61,8 +101,8 @@ class GhostRecoveryModule(L.LightningModule):
         self,
         model: str = "smollm2-135m",
         dtype: str = "float32",
-        criterion: str = "cosine",
-        num_layers: int | None = 6,
+        criterion: str | list[str] = "cosine",
+        num_layers: int | list[int] | None = 6,
         layers: list[int] | None = None,
         methods: list[str] | None = None,
         ridge: float = 1e-4,
@@ -70,38 +110,53 @@ class GhostRecoveryModule(L.LightningModule):
     ):
         super().__init__()
         parse_dtype(dtype)
-        if criterion not in CRITERIA:
-            raise ValueError(f"Invalid criterion {criterion!r}: set one of {', '.join(CRITERIA)}.")
-        if criterion == "indices" and not layers:
-            raise ValueError("criterion 'indices' needs layers: set layers to 0-based indices, e.g. [13, 14, 15].")
-        if criterion != "indices" and layers:
-            raise ValueError(f"layers={layers} is only read with criterion 'indices'; set criterion: indices or drop layers.")
-        if criterion != "indices" and (num_layers is None or num_layers < 1):
-            raise ValueError(f"Invalid num_layers {num_layers!r}: set the number of layers to remove, at least 1.")
         if ridge < 0:
             raise ValueError(f"Invalid ridge {ridge}: set a non-negative value relative to the mean diagonal of XᵀX.")
         methods = check_methods(list(methods) if methods is not None else ["ghost"])
+        self.plan_requests = expand_plans(criterion, num_layers, layers)
         self.save_hyperparameters()
         self.methods = methods
         self.model: torch.nn.Module | None = None
-        self.recovered: RecoveredModel | None = None
-        self.selection: Selection | None = None
-        self.solutions: dict[str, dict[str, Any]] = {}
-        self.variants = [DENSE, PRUNED, *methods]
-        self.perplexity = torch.nn.ModuleDict({v: Perplexity(ignore_index=IGNORE_INDEX) for v in self.variants})
+        self.plans: list[Plan] = []
+        self.metric_names = [DENSE] + [
+            f"{request.label}/{variant}" if request.label else variant
+            for request in self.plan_requests
+            for variant in [PRUNED, *methods]
+        ]
+        self.perplexity = torch.nn.ModuleDict(
+            {_metric_key(name): Perplexity(ignore_index=IGNORE_INDEX) for name in self.metric_names}
+        )
+        self.evaluated_tokens = SumMetric()
         self.results: dict[str, Any] = {}
+
+    @property
+    def recovered(self) -> RecoveredModel | None:
+        """The recovered model of a single-plan run."""
+        return self.plans[0].recovered if len(self.plans) == 1 else None
+
+    @property
+    def selection(self) -> Selection | None:
+        return self.plans[0].selection if len(self.plans) == 1 else None
+
+    @property
+    def solutions(self) -> dict[str, dict[str, Solution]]:
+        return self.plans[0].solutions if len(self.plans) == 1 else {}
 
     # ----------------------------------------------------------------------------------- setup
 
     def setup(self, stage: str) -> None:
-        if self.recovered is not None:
+        if stage == "fit" and len(self.plan_requests) > 1:
+            raise ValueError(
+                f"fit trains one plan, but the config compares {len(self.plan_requests)}: set a single "
+                "criterion and num_layers, or run validate to compare."
+            )
+        if self.plans:
             return
         if self.model is None:
             self.check_request()
             self.model = load_model(self.hparams.model, self.hparams.dtype)
             self.model.requires_grad_(False)
-        device = self.trainer.strategy.root_device
-        self.model.to(device)
+        self.model.to(self.trainer.strategy.root_device)
         datamodule = self.trainer.datamodule
         if datamodule is None or not hasattr(datamodule, "calibration_dataloader"):
             raise ValueError("GhostRecoveryModule needs a datamodule with calibration_dataloader(), such as TextDataModule.")
@@ -111,53 +166,88 @@ class GhostRecoveryModule(L.LightningModule):
         def batches():
             return datamodule.calibration_dataloader(rank=rank, world_size=world_size)
 
-        self.selection, _ = choose_layers(
-            self.model, batches, self.hparams.criterion, self.hparams.num_layers, self.hparams.layers, progress=show
-        )
-        rank_zero_info(
-            f"Selected layers {self.selection.removed} (0-based) of {len(decoder_layers(self.model))} by {self.selection.criterion}."
-        )
-        self._log_selection_scores()
+        num_layers = len(decoder_layers(self.model))
+        similarity = None
+        if any(request.criterion != "indices" for request in self.plan_requests):
+            similarity = similarity_statistics(self.model, batches, progress=show)
+        single = len(self.plan_requests) == 1
+        plans = []
+        for request in self.plan_requests:
+            selection = select_layers(
+                similarity, request.criterion, request.num_layers, list(request.layers or []), num_layers
+            )
+            rank_zero_info(
+                f"{request.label or 'Plan'}: removing layers {selection.removed} (0-based) of {num_layers} "
+                f"chosen by {selection.criterion}."
+            )
+            recovered = RecoveredModel.build(self.model, selection.removed, tag=_metric_key(request.label), prune=False)
+            plans.append(Plan(request, selection, recovered))
+        self._log_selection(plans)
 
-        recovered = RecoveredModel.build(self.model, self.selection.removed)
-        # Statistics come from the dense model, so calibrate before switching layouts for good.
-        with recovered.pruner.dense():
-            stats = calibrate(self.model, recovered.boundaries, batches, progress=show, methods=self.methods)
-        solutions = solve_all(stats, recovered.boundaries, self.methods, self.hparams.ridge)
-        for method, by_boundary in solutions.items():
-            recovered.add_method(method, by_boundary)
-        self.solutions = solutions
-        self.recovered = recovered
+        for plan in plans:
+            for method in self.methods:
+                if not method_applies(method, plan.recovered.boundaries):
+                    if single:
+                        check_kept_layer_before(plan.recovered.boundaries, method)
+                    plan.skipped[method] = "needs a kept layer before the first removed one"
+                    rank_zero_warn(f"{plan.label}: {method} skipped, because the plan removes layer 0.")
+
+        # One pass for the boundaries of every plan, taken on the dense model.
+        boundaries = sorted({b for plan in plans for b in plan.recovered.boundaries})
+        stats = calibrate(self.model, boundaries, batches, progress=show, methods=self.methods, strict=single)
+        stats_by_name = {b.name: s for b, s in zip(boundaries, stats)}
+        solved: dict[str, dict[str, Solution]] = {}
+        for method in self.methods:
+            usable = [b for b in boundaries if method_applies(method, [b])]
+            by_boundary = solve_all([stats_by_name[b.name] for b in usable], usable, [method], self.hparams.ridge)
+            solved[method] = by_boundary[method]
+        for plan in plans:
+            for method in plan.applicable(self.methods):
+                plan.solutions[method] = {b.name: solved[method][b.name] for b in plan.recovered.boundaries}
+                plan.recovered.add_method(method, plan.solutions[method])
         self.calibration_tokens = int(stats[0].count)
-        self._set_method(self.methods[0])
+        self.plans = plans
+        if single:
+            # A single plan stays pruned, with its first method active, for training and export.
+            plans[0].recovered.pruner.prune()
+            self.set_method(self.methods[0])
 
     def check_request(self) -> None:
         """Raise on a layer request the model cannot satisfy, reading only the model's metadata."""
         if getattr(self, "_request_checked", False):
             return
         num_layers = count_decoder_layers(self.hparams.model)
-        if self.hparams.criterion == "indices":
-            validate_removed_layers(self.hparams.layers, num_layers)
-        else:
-            check_block_size(self.hparams.num_layers, num_layers)
+        for request in self.plan_requests:
+            if request.criterion == "indices":
+                validate_removed_layers(list(request.layers), num_layers)
+            else:
+                check_block_size(request.num_layers, num_layers)
         self._request_checked = True
 
-    def _set_method(self, method: str | None) -> None:
-        from ghostpl.operators import set_active_method
+    def set_method(self, method: str | None) -> None:
+        """Activate ``method`` (``None`` for no operator) in a single-plan run."""
+        from ghostpl.operators import activate
 
-        set_active_method(self.model, method)
+        activate(self.plans[0].recovered.all_adapters(), method)
 
     # ------------------------------------------------------------------------------ evaluation
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
 
+    def _skipped_metric_names(self) -> set[str]:
+        return {plan.metric_name(method) for plan in self.plans for method in plan.skipped}
+
     def _evaluate_batch(self, batch: dict[str, torch.Tensor]) -> None:
         targets = batch["labels"][:, 1:]
-        for variant in self.variants:
-            with self.recovered.variant(variant):
+        self.evaluated_tokens.update((targets != IGNORE_INDEX).sum())
+        evaluations = [(DENSE, self.plans[0], DENSE)]
+        for plan in self.plans:
+            evaluations += [(plan.metric_name(v), plan, v) for v in [PRUNED, *plan.applicable(self.methods)]]
+        for name, plan, variant in evaluations:
+            with plan.recovered.variant(variant):
                 logits = self(batch["input_ids"], batch["attention_mask"])
-            self.perplexity[variant].update(logits[:, :-1].float(), targets)
+            self.perplexity[_metric_key(name)].update(logits[:, :-1].float(), targets)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._evaluate_batch(batch)
@@ -172,19 +262,23 @@ class GhostRecoveryModule(L.LightningModule):
         self._finish_evaluation("test")
 
     def _finish_evaluation(self, prefix: str) -> None:
-        perplexities = {}
-        evaluated_tokens = 0
-        for variant in self.variants:
-            metric = self.perplexity[variant]
-            evaluated_tokens = int(metric.count)
-            value = float(metric.compute())
-            perplexities[variant] = value
-            self.log(f"{prefix}/perplexity/{variant}", value, sync_dist=False)
+        # compute() synchronises the sums across ranks, so every rank logs the global values.
+        perplexities: dict[str, float | None] = {}
+        for name in self.metric_names:
+            metric = self.perplexity[_metric_key(name)]
+            if name in self._skipped_metric_names():
+                perplexities[name] = None
+                continue
+            perplexities[name] = float(metric.compute())
+            self.log(f"{prefix}/perplexity/{name}", perplexities[name])
             metric.reset()
+        evaluated_tokens = int(self.evaluated_tokens.compute())
+        self.evaluated_tokens.reset()
         if self.trainer.sanity_checking:
             return
         self.results = self._build_results(prefix, perplexities, evaluated_tokens)
-        self._report(prefix, perplexities)
+        dense = perplexities[DENSE]
+        rank_zero_info(console_table(dense, self.results["plans"], self.methods, evaluated_tokens))
         self._write_results()
 
     # -------------------------------------------------------------------------------- training
@@ -206,119 +300,100 @@ class GhostRecoveryModule(L.LightningModule):
     # --------------------------------------------------------------------------------- reports
 
     def _build_results(self, prefix: str, perplexities: dict[str, float], evaluated_tokens: int) -> dict[str, Any]:
-        recovered = self.recovered
-        boundaries = []
-        hosts = recovered.describe_hosts()
-        for boundary in recovered.boundaries:
-            boundaries.append(
-                {
-                    "name": boundary.name,
-                    "removed_layers": boundary.removed,
-                    "operator_applied_at": hosts[boundary.name],
-                    "methods": {
-                        method: {
-                            "relative_residual": solutions[boundary.name].residual,
-                            "solver": solutions[boundary.name].solver,
-                            "ridge": solutions[boundary.name].ridge,
-                        }
-                        for method, solutions in self.solutions.items()
-                    },
-                }
-            )
-        fallbacks = sum(s.fallback for by_boundary in self.solutions.values() for s in by_boundary.values())
-        datamodule = self.trainer.datamodule
-        results = {
+        plans = []
+        for plan in self.plans:
+            variants = {v: perplexities[plan.metric_name(v)] for v in [PRUNED, *self.methods]}
+            entry = plan_results(plan.label, plan.selection, plan.recovered, plan.solutions, variants)
+            entry["skipped_methods"] = dict(plan.skipped)
+            plans.append(entry)
+        results: dict[str, Any] = {
             "stage": prefix,
             "model": self.hparams.model,
             "dtype": self.hparams.dtype,
-            "num_layers": recovered.pruner.num_layers,
-            "num_layers_after": len(recovered.pruner.kept),
+            "num_layers": self.plans[0].recovered.pruner.num_layers,
             "layer_indexing": "0-based",
-            "selection": self.selection.as_dict(),
-            "boundaries": boundaries,
-            "solver_fallbacks": fallbacks,
+            "methods": self.methods,
             "ridge": self.hparams.ridge,
             "calibration_tokens": self.calibration_tokens,
             "evaluation_tokens": evaluated_tokens,
-            "data": getattr(datamodule, "summary", {}),
+            "data": getattr(self.trainer.datamodule, "summary", {}),
             "perplexity": perplexities,
-            "perplexity_ratio_to_pruned": {
-                v: perplexities[v] / perplexities[PRUNED] for v in self.variants if v != PRUNED
-            },
+            "solver_fallbacks": sum(plan["solver_fallbacks"] for plan in plans),
+            "plans": plans,
         }
+        if len(plans) == 1:
+            # A single plan's fields also sit at the top level, where scripts look for them.
+            single = plans[0]
+            results["selection"] = single["selection"]
+            results["boundaries"] = single["boundaries"]
+            results["num_layers_after"] = single["num_layers_after"]
+            results["perplexity_ratio_to_pruned"] = {
+                v: perplexities[v] / perplexities[PRUNED] for v in self.metric_names if v != PRUNED and perplexities[v]
+            }
         return results
 
-    def _report(self, prefix: str, perplexities: dict[str, float]) -> None:
-        width = max(len(v) for v in perplexities)
-        lines = [f"Held-out perplexity ({prefix}, {self.results['evaluation_tokens']} tokens):"]
-        for variant, value in perplexities.items():
-            ratio = value / perplexities[PRUNED]
-            lines.append(f"  {variant:<{width}}  {value:10.3f}   {ratio:6.3f} x pruned")
-        rank_zero_info("\n".join(lines))
-
     def results_dir(self) -> Path | None:
-        log_dir = self.trainer.log_dir if self.trainer is not None else None
+        """Return the directory that ``Trainer.log_dir`` names, read without a collective call.
+
+        ``Trainer.log_dir`` broadcasts rank zero's path (Lightning 2.6), so calling it from rank zero
+        alone, as ``_write_results`` does, hangs or fails under DDP. This reads the value directly.
+        """
+        from lightning.pytorch.loggers import CSVLogger
+
+        trainer = self._trainer
+        if trainer is None:
+            return None
+        if trainer.loggers:
+            logger = trainer.loggers[0]
+            log_dir = logger.log_dir if isinstance(logger, (TensorBoardLogger, CSVLogger)) else logger.save_dir
+        else:
+            log_dir = trainer.default_root_dir
         return Path(log_dir) if log_dir else None
+
+    def operator_tensors(self) -> dict[str, torch.Tensor]:
+        """Every solved ``M`` by ``[<plan>/]<method>/<boundary>``."""
+        tensors = {}
+        for plan in self.plans:
+            prefix = f"{plan.label}/" if plan.label else ""
+            for method, by_boundary in plan.solutions.items():
+                for boundary, solution in by_boundary.items():
+                    tensors[f"{prefix}{method}/{boundary}"] = solution.delta
+        return tensors
 
     @rank_zero_only
     def _write_results(self) -> None:
+        from ghostpl.plots import perplexity_figure
+
         directory = self.results_dir()
         if directory is None:
             return
-        directory.mkdir(parents=True, exist_ok=True)
+        dense = self.results["perplexity"][DENSE]
+        table = markdown_table(dense, self.results["plans"], self.methods)
+        figure = perplexity_figure(dense, self.results["plans"], [PRUNED, *self.methods])
         write_json_atomic(directory / "results.json", self.results)
-        save_solutions_atomic(directory / "operators.safetensors", self.solutions)
-        rank_zero_info(f"Wrote {directory / 'results.json'} and {directory / 'operators.safetensors'}")
+        write_text_atomic(directory / "results.md", table)
+        save_figure_atomic(directory / "perplexity.png", figure)
+        save_operators_atomic(directory / "operators.safetensors", self.operator_tensors())
+        if isinstance(self.logger, TensorBoardLogger):
+            step = self.global_step
+            self.logger.experiment.add_text(f"{self.results['stage']}/perplexity_table", table, global_step=step)
+            self.logger.experiment.add_figure(f"{self.results['stage']}/perplexity", figure, global_step=step)
+        rank_zero_info(f"Wrote results.json, results.md, perplexity.png and operators.safetensors to {directory}")
 
     @rank_zero_only
-    def _log_selection_scores(self) -> None:
-        selection = self.selection
-        for label, score in zip(selection.candidates, selection.scores):
-            log.info("Selection candidate %s: %s = %.6f", label, selection.criterion, score)
-        logger = self.logger
-        if not isinstance(logger, TensorBoardLogger) or selection.criterion == "indices":
-            return
+    def _log_selection(self, plans: list[Plan]) -> None:
         from ghostpl.plots import selection_figure
 
-        logger.experiment.add_figure("selection/scores", selection_figure(selection), global_step=0)
-        logger.experiment.add_text("selection/removed_layers", str(selection.removed), global_step=0)
+        for plan in plans:
+            selection = plan.selection
+            scores = ", ".join(f"{c}: {v:.4f}" for c, v in zip(selection.candidates, selection.scores))
+            log.info("%s scores (%s): %s", selection.criterion, selection.score_name, scores)
+            if isinstance(self.logger, TensorBoardLogger) and selection.criterion != "indices":
+                tag = f"selection/{plan.label}" if plan.label else "selection"
+                self.logger.experiment.add_figure(f"{tag}/scores", selection_figure(selection), global_step=0)
+                self.logger.experiment.add_text(f"{tag}/removed_layers", str(selection.removed), global_step=0)
 
 
-def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
-    """Write JSON to a temporary file beside ``path`` and rename it into place."""
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w") as out:
-            json.dump(payload, out, indent=2, default=_json_default)
-            out.write("\n")
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
-def save_solutions_atomic(path: Path, solutions: dict[str, dict[str, Any]]) -> None:
-    """Save every solved ``M = W - I`` in float64 as ``<method>/<boundary>`` in a safetensors file."""
-    from safetensors.torch import save_file
-
-    tensors = {
-        f"{method}/{boundary}": solution.delta.detach().to("cpu", torch.float64).contiguous()
-        for method, by_boundary in solutions.items()
-        for boundary, solution in by_boundary.items()
-    }
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        save_file(tensors, temporary, metadata={"format": "pt", "layout": "x_new = x (I + M), rows are tokens"})
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.tolist()
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    raise TypeError(f"Cannot serialise {type(value).__name__} to JSON.")
+def _metric_key(name: str) -> str:
+    """A module-safe key for a metric name: submodule names cannot contain dots or slashes."""
+    return re.sub(r"[^0-9A-Za-z_]", "_", name)

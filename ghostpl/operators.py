@@ -73,38 +73,42 @@ class BoundaryAdapter(nn.Module):
         return self.operators[self.active](x)
 
 
-def _apply_adapter(module: nn.Module, args: tuple, kwargs: dict):
-    adapter = getattr(module, ADAPTER_ATTRIBUTE)
-    if not adapter.applies:
-        return None
-    if args:
-        return (adapter(args[0]), *args[1:]), kwargs
-    kwargs = dict(kwargs)
-    kwargs["hidden_states"] = adapter(kwargs["hidden_states"])
-    return args, kwargs
+def _input_hook(adapter: BoundaryAdapter):
+    def hook(module: nn.Module, args: tuple, kwargs: dict):
+        if not adapter.applies:
+            return None
+        if args:
+            return (adapter(args[0]), *args[1:]), kwargs
+        kwargs = dict(kwargs)
+        kwargs["hidden_states"] = adapter(kwargs["hidden_states"])
+        return args, kwargs
+
+    return hook
 
 
-def _apply_output_adapter(module: nn.Module, args: tuple, output):
-    adapter = getattr(module, ADAPTER_ATTRIBUTE)
-    if not adapter.applies:
-        return None
-    if isinstance(output, torch.Tensor):
-        return adapter(output)
-    return (adapter(output[0]), *output[1:])
+def _output_hook(adapter: BoundaryAdapter):
+    def hook(module: nn.Module, args: tuple, output):
+        if not adapter.applies:
+            return None
+        if isinstance(output, torch.Tensor):
+            return adapter(output)
+        return (adapter(output[0]), *output[1:])
+
+    return hook
 
 
-def attach_adapter(host: nn.Module, adapter: BoundaryAdapter) -> RemovableHandle:
-    """Make ``adapter`` a child of ``host`` and apply it to the host's first input or to its output.
+def attach_adapter(host: nn.Module, adapter: BoundaryAdapter, attribute: str = ADAPTER_ATTRIBUTE) -> RemovableHandle:
+    """Make ``adapter`` the child ``attribute`` of ``host`` and apply it to the host's first input or output.
 
     The adapter's ``position`` selects which. An output that is a tuple has its first element
-    transformed.
+    transformed. Several adapters can share a host under different attribute names.
     """
-    if hasattr(host, ADAPTER_ATTRIBUTE):
-        raise ValueError(f"{type(host).__name__} already carries a boundary adapter.")
-    host.add_module(ADAPTER_ATTRIBUTE, adapter)
+    if hasattr(host, attribute):
+        raise ValueError(f"{type(host).__name__} already carries a boundary adapter named {attribute!r}.")
+    host.add_module(attribute, adapter)
     if adapter.position == OUTPUT:
-        return host.register_forward_hook(_apply_output_adapter)
-    return host.register_forward_pre_hook(_apply_adapter, with_kwargs=True)
+        return host.register_forward_hook(_output_hook(adapter))
+    return host.register_forward_pre_hook(_input_hook(adapter), with_kwargs=True)
 
 
 def iter_adapters(model: nn.Module):
@@ -118,7 +122,11 @@ def set_active_method(model: nn.Module, method: str | None) -> None:
 
     Raises ``KeyError`` if some boundary has no operator for ``method`` in any of its adapters.
     """
-    adapters = list(iter_adapters(model))
+    activate(list(iter_adapters(model)), method)
+
+
+def activate(adapters: list[BoundaryAdapter], method: str | None) -> None:
+    """Activate ``method`` in ``adapters``, raising ``KeyError`` if a boundary lacks its operator."""
     if method is not None:
         boundaries = {adapter.boundary_name for adapter in adapters}
         covered = {adapter.boundary_name for adapter in adapters if method in adapter.operators}
@@ -130,13 +138,13 @@ def set_active_method(model: nn.Module, method: str | None) -> None:
 
 
 def install_adapters(
-    hosts: dict[str, nn.Module], position: str = INPUT
+    hosts: dict[str, nn.Module], position: str = INPUT, attribute: str = ADAPTER_ATTRIBUTE
 ) -> tuple[dict[str, BoundaryAdapter], list[RemovableHandle]]:
     """Attach an empty adapter at ``position`` to each host, keyed by boundary name."""
     adapters: dict[str, BoundaryAdapter] = {}
     handles: list[RemovableHandle] = []
     for name, host in hosts.items():
         adapter = BoundaryAdapter(name, position)
-        handles.append(attach_adapter(host, adapter))
+        handles.append(attach_adapter(host, adapter, attribute))
         adapters[name] = adapter
     return adapters, handles

@@ -25,3 +25,19 @@ def selection_figure(selection: Selection) -> Figure:
     axis.set_title(f"{selection.criterion}: removed {selection.removed} ({best} is better, red = chosen)", fontsize=9)
     figure.tight_layout()
     return figure
+
+
+def perplexity_figure(dense: float, plans: list[dict], variants: list[str]) -> Figure:
+    """Grouped bars of held-out perplexity per plan and variant, with the dense model as a line."""
+    figure, axis = plt.subplots(figsize=(max(6.0, 1.6 * len(plans) * max(1, len(variants)) / 3), 4.0))
+    width = 0.8 / len(variants)
+    for offset, variant in enumerate(variants):
+        values = [plan["perplexity"][variant] or float("nan") for plan in plans]
+        positions = [i + (offset - (len(variants) - 1) / 2) * width for i in range(len(plans))]
+        axis.bar(positions, values, width=width, label=variant)
+    axis.axhline(dense, color="black", linestyle="--", linewidth=1, label=f"dense ({dense:.2f})")
+    axis.set_xticks(range(len(plans)), [plan["label"] or plan["criterion"] for plan in plans])
+    axis.set_ylabel("held-out perplexity (lower is better)")
+    axis.legend(fontsize=7, ncols=2)
+    figure.tight_layout()
+    return figure

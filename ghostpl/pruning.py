@@ -117,6 +117,17 @@ class LayerPruner:
             if was_pruned:
                 self.prune()
 
+    @contextmanager
+    def pruned(self) -> Iterator[nn.Module]:
+        """Run a block on the pruned model, returning to the current layout afterwards."""
+        was_pruned = self.is_pruned
+        self.prune()
+        try:
+            yield self.model
+        finally:
+            if not was_pruned:
+                self.restore()
+
     def new_index(self, old_index: int) -> int:
         """Index in the pruned model of kept layer ``old_index``."""
         return self.kept.index(old_index)

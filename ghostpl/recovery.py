@@ -24,9 +24,17 @@ from ghostpl.calibration import (
     stream_input_module,
 )
 from ghostpl.models import decoder_layers
-from ghostpl.operators import INPUT, OUTPUT, BoundaryAdapter, LinearOperator, install_adapters, set_active_method
+from ghostpl.operators import (
+    ADAPTER_ATTRIBUTE,
+    INPUT,
+    OUTPUT,
+    BoundaryAdapter,
+    LinearOperator,
+    activate,
+    install_adapters,
+)
 from ghostpl.pruning import LayerPruner
-from ghostpl.selection import Selection, SimilarityStatistics, select_layers
+from ghostpl.selection import CRITERIA, Selection, SimilarityStatistics, select_layers
 from ghostpl.solvers import Solution, solve_ghost
 from ghostpl.statistics import (
     MLP_OUTPUT,
@@ -91,12 +99,74 @@ def method_spec(name: str) -> RecoveryMethod:
     return replace(registered, solve=SOLVERS[name])
 
 
+def method_applies(method: str, boundaries: Iterable[Boundary]) -> bool:
+    """Whether ``method`` can repair every boundary: one on the MLP output needs a kept layer before each."""
+    return method_spec(method).position != OUTPUT or all(b.start > 0 for b in boundaries)
+
+
 def required_statistics(methods: Iterable[str]) -> list[str]:
     """Kinds of optional sums that the calibration pass must collect for ``methods``."""
     kinds: set[str] = set()
     for name in methods:
         kinds |= method_spec(name).statistics
     return check_extra_kinds(kinds)
+
+
+@dataclass(frozen=True)
+class PlanRequest:
+    """One way to prune: a criterion with a layer count, or an explicit list of layers.
+
+    Attributes:
+        label: name of the plan in metric names and results; empty when a run has a single plan.
+        criterion: one of :data:`ghostpl.selection.CRITERIA`.
+        num_layers: layers to remove, for every criterion but ``indices``.
+        layers: 0-based layer indices, for ``indices``.
+    """
+
+    label: str
+    criterion: str
+    num_layers: int | None = None
+    layers: tuple[int, ...] | None = None
+
+
+def expand_plans(
+    criteria: str | list[str], num_layers: int | list[int] | None, layers: list[int] | None
+) -> list[PlanRequest]:
+    """Expand criteria × layer counts into plans; a single combination gets an empty label."""
+    criteria = [criteria] if isinstance(criteria, str) else list(criteria)
+    counts = [num_layers] if num_layers is None or isinstance(num_layers, int) else list(num_layers)
+    if not criteria:
+        raise ValueError(f"No selection criterion given: set criterion to one of {', '.join(CRITERIA)} or a list of them.")
+    if not counts:
+        raise ValueError("num_layers is an empty list: give the number of layers to remove, e.g. 6 or [4, 6, 8].")
+    for criterion in criteria:
+        if criterion not in CRITERIA:
+            raise ValueError(f"Invalid criterion {criterion!r}: set one of {', '.join(CRITERIA)}.")
+    if len(set(criteria)) != len(criteria) or len(set(counts)) != len(counts):
+        raise ValueError(f"criterion={criteria} and num_layers={counts} must not repeat an entry.")
+    if "indices" in criteria and not layers:
+        raise ValueError("criterion 'indices' needs layers: set layers to 0-based indices, e.g. [13, 14, 15].")
+    if layers and "indices" not in criteria:
+        raise ValueError(f"layers={layers} is only read with criterion 'indices': add indices to criterion or drop layers.")
+    plans: list[PlanRequest] = []
+    for criterion in criteria:
+        if criterion == "indices":
+            plans.append(PlanRequest("indices", criterion, layers=tuple(layers)))
+            continue
+        for count in counts:
+            if count is None or isinstance(count, bool) or count < 1:
+                raise ValueError(f"Invalid num_layers {count!r}: set the number of layers to remove, at least 1.")
+            plans.append(PlanRequest(f"{criterion}-{count}", criterion, num_layers=count))
+    if len(plans) == 1:
+        plans = [replace(plans[0], label="")]
+    return plans
+
+
+def similarity_statistics(model: nn.Module, batches: Batches, progress: bool = True) -> SimilarityStatistics:
+    """One selection pass over the dense model, summed over every rank."""
+    stats = collect_similarity_statistics(model, batches(), progress=progress)
+    all_reduce_tensors(stats.tensors())
+    return stats
 
 
 def check_methods(methods: list[str]) -> list[str]:
@@ -138,18 +208,21 @@ def calibrate(
     batches: Batches,
     progress: bool = True,
     methods: list[str] | None = None,
+    strict: bool = True,
 ) -> list[BoundaryStatistics]:
     """Collect one pass of boundary statistics, summed over every rank.
 
     ``methods`` selects the optional sums collected in the same pass; ``None`` collects only the
     base sums, which ghost, linearpatch_diag and lstsq_diag need. Requirements that the model or
     the boundaries cannot meet (a hidden size with no Hadamard matrix, replaceme with a boundary at
-    layer 0) raise ``ValueError`` before the pass.
+    layer 0) raise ``ValueError`` before the pass. With ``strict=False`` a boundary at layer 0 is
+    calibrated without the MLP sums instead, for runs that skip replaceme on such plans.
     """
     extras = required_statistics(methods or [])
-    for name in methods or []:
-        if method_spec(name).position == OUTPUT:
-            check_kept_layer_before(boundaries, name)
+    if strict:
+        for name in methods or []:
+            if not method_applies(name, boundaries):
+                check_kept_layer_before(boundaries, name)
     stats = collect_boundary_statistics(model, boundaries, batches(), progress=progress, extras=extras)
     all_reduce_statistics(stats)
     return stats
@@ -195,16 +268,26 @@ class RecoveredModel:
     adapters: dict[str, BoundaryAdapter]
     handles: list = field(default_factory=list)
     output_adapters: dict[str, BoundaryAdapter] = field(default_factory=dict)
+    attribute: str = ADAPTER_ATTRIBUTE
 
     @classmethod
-    def build(cls, model: nn.Module, removed: list[int]) -> RecoveredModel:
-        """Attach empty adapters at each boundary, then switch the model to its pruned layout."""
+    def build(cls, model: nn.Module, removed: list[int], tag: str = "", prune: bool = True) -> RecoveredModel:
+        """Attach empty adapters at each boundary and, with ``prune``, switch to the pruned layout.
+
+        Several plans can share one model when each has its own ``tag`` and all are built while the
+        model is dense with ``prune=False``; each plan then prunes only inside :meth:`variant`.
+        """
+        attribute = f"{ADAPTER_ATTRIBUTE}_{tag}" if tag else ADAPTER_ATTRIBUTE
         pruner = LayerPruner(model, removed)
         boundaries = boundaries_of(pruner.removed)
         hosts = {b.name: stream_input_module(model, b.end) for b in boundaries}
-        adapters, handles = install_adapters(hosts)
-        pruner.prune()
-        return cls(model, pruner, boundaries, adapters, handles)
+        adapters, handles = install_adapters(hosts, attribute=attribute)
+        if prune:
+            pruner.prune()
+        return cls(model, pruner, boundaries, adapters, handles, attribute=attribute)
+
+    def all_adapters(self) -> list[BoundaryAdapter]:
+        return [*self.adapters.values(), *self.output_adapters.values()]
 
     @property
     def methods(self) -> list[str]:
@@ -238,7 +321,7 @@ class RecoveredModel:
             check_kept_layer_before(self.boundaries, method)
             with self.pruner.dense():
                 hosts = {b.name: mlp_branch_module(self.model, b.start - 1) for b in self.boundaries}
-            adapters, handles = install_adapters(hosts, position=OUTPUT)
+            adapters, handles = install_adapters(hosts, position=OUTPUT, attribute=self.attribute)
             active = next(iter(self.adapters.values())).active
             for adapter in adapters.values():
                 adapter.active = active
@@ -266,15 +349,17 @@ class RecoveredModel:
 
     @contextmanager
     def variant(self, name: str) -> Iterator[nn.Module]:
-        """Run a block with one variant active, restoring the previous state afterwards."""
-        previous = next(iter(self.adapters.values())).active
+        """Run a block with one variant active, restoring the previous layout and method afterwards."""
+        adapters = self.all_adapters()
+        previous = adapters[0].active
         try:
             if name == DENSE:
-                set_active_method(self.model, None)
+                activate(adapters, None)
                 with self.pruner.dense():
                     yield self.model
             else:
-                set_active_method(self.model, None if name == PRUNED else name)
-                yield self.model
+                activate(adapters, None if name == PRUNED else name)
+                with self.pruner.pruned():
+                    yield self.model
         finally:
-            set_active_method(self.model, previous)
+            activate(adapters, previous)

@@ -509,3 +509,130 @@ def test_hub_id_offline(workspace, tmp_path, monkeypatch):
     assert "not in the local cache" in message
     # With HF_HUB_OFFLINE set, ghostpl raises without waiting on a network timeout.
     assert elapsed < 10, f"the offline error took {elapsed:.1f} s"
+
+
+ALL_METHODS = ["ghost", "linearpatch_diag", "linearpatch_rotate", "lstsq_diag", "replaceme"]
+
+
+@pytest.fixture(scope="module")
+def compare_dir(workspace: Workspace) -> Path:
+    """Log directory of one run comparing two criteria at two layer counts with every method."""
+    args = cli_args(
+        workspace,
+        "--model.criterion",
+        "[cosine, block_influence]",
+        "--model.num_layers",
+        "[1, 2]",
+        "--model.methods",
+        f"[{', '.join(ALL_METHODS)}]",
+        *tensorboard_args(workspace.root / "compare"),
+    )
+    return run_cli(args)
+
+
+def test_compare_plans(compare_dir):
+    results = read_results(compare_dir)
+    labels = [plan["label"] for plan in results["plans"]]
+    assert labels == ["cosine-1", "cosine-2", "block_influence-1", "block_influence-2"]
+    for plan in results["plans"]:
+        assert len(plan["removed_layers"]) == int(plan["label"].rsplit("-", 1)[1])
+        assert set(plan["perplexity"]) == {"pruned", *ALL_METHODS}
+        # replaceme acts on the MLP before the gap, so a plan that removes layer 0 skips it.
+        skipped = {"replaceme"} if 0 in plan["removed_layers"] else set()
+        assert set(plan["skipped_methods"]) == skipped
+        for variant, value in plan["perplexity"].items():
+            if variant in skipped:
+                assert value is None
+            else:
+                assert math.isfinite(value) and value > 0, variant
+
+
+def test_compare_flat_perplexity_names(compare_dir):
+    perplexity = read_results(compare_dir)["perplexity"]
+    assert "dense" in perplexity
+    assert "cosine-2/ghost" in perplexity
+    assert "block_influence-1/replaceme" in perplexity
+    assert len(perplexity) == 1 + 4 * (1 + len(ALL_METHODS))
+
+
+def test_compare_matches_single_run(compare_dir, workspace):
+    """A plan inside a comparison gives the numbers of the same plan run alone."""
+    # The tiny model's cosine block starts at layer 0, where a single run rejects replaceme.
+    methods = [m for m in ALL_METHODS if m != "replaceme"]
+    args = cli_args(
+        workspace,
+        "--model.num_layers",
+        "2",
+        "--model.methods",
+        f"[{', '.join(methods)}]",
+        *tensorboard_args(workspace.root / "single"),
+    )
+    single = read_results(run_cli(args))
+    compared = read_results(compare_dir)
+    plan = next(p for p in compared["plans"] if p["label"] == "cosine-2")
+    assert plan["removed_layers"] == single["selection"]["removed_layers"]
+    assert plan["removed_layers"][0] == 0
+    for variant in ["pruned", *methods]:
+        assert plan["perplexity"][variant] == pytest.approx(single["perplexity"][variant], rel=1e-5)
+    assert compared["perplexity"]["dense"] == pytest.approx(single["perplexity"]["dense"], rel=1e-6)
+
+
+def test_compare_writes_table_and_chart(compare_dir):
+    table = (compare_dir / "results.md").read_text()
+    assert "| variant | cosine-1 | cosine-2 | block_influence-1 | block_influence-2 |" in table
+    for variant in ["dense", "pruned", *ALL_METHODS]:
+        assert f"| {variant} |" in table
+    assert (compare_dir / "perplexity.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_compare_tensorboard(compare_dir):
+    events = read_events(compare_dir)
+    assert "val/perplexity/cosine-1/ghost" in events.Tags()["scalars"]
+    assert "val/perplexity" in events.Tags()["images"]
+    assert "selection/block_influence-2/scores" in events.Tags()["images"]
+
+
+def test_compare_one_calibration_pass(workspace, monkeypatch):
+    """Every plan's statistics come from one boundary pass and one selection pass."""
+    from ghostpl import recovery
+
+    calls = {"boundaries": 0, "similarity": 0}
+    collect_boundaries = recovery.collect_boundary_statistics
+    collect_similarity = recovery.collect_similarity_statistics
+
+    def count_boundaries(*args, **kwargs):
+        calls["boundaries"] += 1
+        return collect_boundaries(*args, **kwargs)
+
+    def count_similarity(*args, **kwargs):
+        calls["similarity"] += 1
+        return collect_similarity(*args, **kwargs)
+
+    monkeypatch.setattr(recovery, "collect_boundary_statistics", count_boundaries)
+    monkeypatch.setattr(recovery, "collect_similarity_statistics", count_similarity)
+    args = cli_args(
+        workspace,
+        "--model.criterion",
+        "[cosine, angular, block_influence]",
+        "--model.num_layers",
+        "[1, 3]",
+        *quiet_args(workspace.root / "count"),
+    )
+    run_cli(args)
+    assert calls == {"boundaries": 1, "similarity": 1}
+
+
+def test_fit_rejects_comparison(workspace):
+    args = cli_args(
+        workspace,
+        "--model.criterion",
+        "[cosine, block_influence]",
+        "--model.num_layers",
+        "2",
+        "--trainer.max_steps",
+        "1",
+        *quiet_args(workspace.root / "fit"),
+        subcommand="fit",
+    )
+    with pytest.raises(ValueError, match="fit trains one plan"):
+        run_cli(args)
