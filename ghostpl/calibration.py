@@ -76,6 +76,26 @@ def rotation_for(hidden_size: int, method: str = "linearpatch_rotate") -> torch.
 
 
 @contextmanager
+def capture_inputs(hosts: dict[str, nn.Module]):
+    """Record the first input of each host module during the block, as ``{name: (B, T, D)}``.
+
+    The hooks are registered last, so on a host that also carries an adapter they see the input
+    after the adapter's operator. Gradients flow through the recorded tensors.
+    """
+    captured: dict[str, torch.Tensor] = {}
+
+    def capture(name: str):
+        def hook(module, args, kwargs):
+            captured[name] = _first_input(args, kwargs)
+
+        return hook
+
+    handles = [host.register_forward_pre_hook(capture(name), with_kwargs=True) for name, host in hosts.items()]
+    with _hooks(handles):
+        yield captured
+
+
+@contextmanager
 def _hooks(handles: list):
     try:
         yield

@@ -507,6 +507,16 @@ class UnpaddedDistributedSampler(DistributedSampler):
         return self.num_samples
 
 
+def _check_windows_per_rank(role: Role, num_windows: int, world_size: int) -> None:
+    """Raise ``ValueError`` when ``world_size`` ranks cannot each get at least one window of ``role``."""
+    if num_windows < world_size:
+        setting = "num_calibration" if role == "calibration" else "num_evaluation"
+        raise ValueError(
+            f"{num_windows} {role} windows cannot be shared by {world_size} processes: each needs at least one. "
+            f"Set data.{setting} to at least {world_size}, or run on fewer devices or nodes."
+        )
+
+
 def _check_fraction(eval_fraction: float) -> None:
     if not 0.0 < eval_fraction < 1.0:
         raise ValueError(f"Invalid eval_fraction {eval_fraction}: set a value between 0 and 1, exclusive.")
@@ -539,6 +549,7 @@ class TextDataModule(L.LightningDataModule):
         text_field: str = "text",
         num_workers: int = 0,
         split_seed: int = 0,
+        num_train: int = 200,
     ) -> None:
         """Configure the text sources and window counts. Nothing is read until ``setup``.
 
@@ -560,12 +571,16 @@ class TextDataModule(L.LightningDataModule):
             num_workers: DataLoader worker processes; 0 loads batches in the main process.
             split_seed: Seed of the sotu speech split, kept apart from seed so that runs with
                 different calibration draws score the same evaluation speeches.
+            num_train: Number of fine-tuning windows for ``fit``, drawn from the calibration text
+                (seeded by ``seed``) in a fixed order, so an interrupted run resumes on the same data.
+                Fewer full windows than this use all of them.
         """
         super().__init__()
         _check_positive("seq_len", seq_len)
         if seq_len < 2:
             raise ValueError(f"Invalid seq_len {seq_len}: set at least 2, because a window needs a token to predict.")
         _check_positive("num_calibration", num_calibration)
+        _check_positive("num_train", num_train)
         if num_evaluation is not None and num_evaluation != -1:
             if isinstance(num_evaluation, bool) or not isinstance(num_evaluation, int) or num_evaluation < 1:
                 raise ValueError(
@@ -592,10 +607,13 @@ class TextDataModule(L.LightningDataModule):
         self.text_field = text_field
         self.num_workers = num_workers
         self.split_seed = split_seed
+        self.num_train = num_train
 
         self._tokenizer = None
         self._calibration: list[Window] | None = None
         self._evaluation: list[Window] | None = None
+        self._train: list[Window] | None = None
+        self._calibration_stream: torch.Tensor | None = None
         # Token counts, window counts and document names of each split, filled by setup().
         self.summary: dict[str, Any] = {}
 
@@ -688,6 +706,7 @@ class TextDataModule(L.LightningDataModule):
         }
         self._calibration = calibration
         self._evaluation = evaluation
+        self._calibration_stream = calibration_stream
         log.info(
             "Calibration: %d of %d windows of %d tokens from %r (%d tokens, %d documents). "
             "Evaluation: %d windows from %r (%d tokens, %d documents).",
@@ -725,19 +744,16 @@ class TextDataModule(L.LightningDataModule):
         """Load the calibration shard ``windows[rank::world_size]`` in order.
 
         Shards of different ranks are disjoint and together hold every window once, so shard
-        sizes differ by one when the count is not a multiple of ``world_size``.
+        sizes differ by one when the count is not a multiple of ``world_size``. Fewer windows than
+        ranks raise ``ValueError`` on every rank alike, because a rank without windows has no sums
+        to contribute and would leave the others waiting in the all-reduce.
         """
         _check_positive("world_size", world_size)
         if not 0 <= rank < world_size:
             raise ValueError(f"Invalid rank {rank}: set a value from 0 to {world_size - 1}.")
-        shard = self.calibration_windows()[rank::world_size]
-        if not shard:
-            log.warning(
-                "Rank %d of %d gets no calibration windows: num_calibration is %d.",
-                rank,
-                world_size,
-                self.num_calibration,
-            )
+        windows = self.calibration_windows()
+        _check_windows_per_rank("calibration", len(windows), world_size)
+        shard = windows[rank::world_size]
         return DataLoader(
             shard, batch_size=self.batch_size, shuffle=False, collate_fn=collate_windows, num_workers=self.num_workers
         )
@@ -746,7 +762,11 @@ class TextDataModule(L.LightningDataModule):
         windows = self.evaluation_windows()
         sampler = None
         if torch.distributed.is_available() and torch.distributed.is_initialized():
-            if torch.distributed.get_world_size() > 1:
+            world_size = torch.distributed.get_world_size()
+            if world_size > 1:
+                # Lightning skips the epoch-end hooks of a rank with no batches, and there torchmetrics
+                # gathers the sums from every rank, so each rank needs at least one window.
+                _check_windows_per_rank("evaluation", len(windows), world_size)
                 # Lightning replaces only samplers that are not DistributedSampler instances, so it keeps this one.
                 sampler = UnpaddedDistributedSampler(windows)
         return DataLoader(
@@ -754,6 +774,28 @@ class TextDataModule(L.LightningDataModule):
             batch_size=self.batch_size,
             shuffle=False,
             sampler=sampler,
+            collate_fn=collate_windows,
+            num_workers=self.num_workers,
+        )
+
+    def train_windows(self) -> list[Window]:
+        """Fine-tuning windows: full windows of the calibration text in a seeded, fixed order."""
+        if self._calibration_stream is None:
+            raise RuntimeError("No windows yet: call setup() first.")
+        if self._train is None:
+            layout = window_layout(self.tokenizer_object, self.seq_len)
+            full = layout.count_full_windows(self._calibration_stream.numel())
+            generator = torch.Generator().manual_seed(self.seed + 1)
+            order = torch.randperm(full, generator=generator)[: self.num_train].tolist()
+            self._train = [layout.window_at(self._calibration_stream, i) for i in order]
+        return self._train
+
+    def train_dataloader(self) -> DataLoader:
+        """Fine-tuning batches without shuffling: the order is fixed by ``seed`` when the windows are drawn."""
+        return DataLoader(
+            self.train_windows(),
+            batch_size=self.batch_size,
+            shuffle=False,
             collate_fn=collate_windows,
             num_workers=self.num_workers,
         )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,17 @@ from torchmetrics import SumMetric
 from torchmetrics.text import Perplexity
 
 from ghostpl.boundaries import validate_removed_layers
-from ghostpl.calibration import check_kept_layer_before
+from ghostpl.calibration import capture_inputs, check_kept_layer_before, stream_input_module
+from ghostpl.finetune import (
+    FinetuneSettings,
+    apply_lora,
+    count_parameters,
+    kd_loss,
+    lm_cross_entropy,
+    relative_hidden_error,
+    set_lora_enabled,
+)
+from ghostpl.export import check_export_settings, export_recovered
 from ghostpl.models import count_decoder_layers, decoder_layers, load_model, parse_dtype
 from ghostpl.recovery import (
     DENSE,
@@ -95,6 +106,15 @@ class GhostRecoveryModule(L.LightningModule):
             linearpatch_rotate, lstsq_diag, replaceme.
         ridge: Ridge term relative to the mean diagonal of ``XᵀX`` (0 disables it).
         progress: Show progress bars for the calibration passes.
+        finetune: What ``fit`` trains (operators, LoRA or both) and its loss; see
+            :class:`~ghostpl.finetune.FinetuneSettings`. Read only by ``fit``.
+        export_dir: Directory to write the pruned model with the first method's repair to, as a
+            Hugging Face model directory (see :mod:`ghostpl.export`), at the end of ``validate``,
+            ``test`` and ``fit``. Needs a single plan. ``None`` exports nothing.
+        export_dtype: Dtype of the exported weights: float32, bfloat16 or float16. Operators are
+            exported in float32.
+        export_overwrite: Replace an existing ``export_dir``. Without it, an existing directory
+            raises ``FileExistsError`` when the module is built.
     """
 
     def __init__(
@@ -107,6 +127,10 @@ class GhostRecoveryModule(L.LightningModule):
         methods: list[str] | None = None,
         ridge: float = 1e-4,
         progress: bool = True,
+        finetune: FinetuneSettings | None = None,
+        export_dir: str | None = None,
+        export_dtype: str = "float32",
+        export_overwrite: bool = False,
     ):
         super().__init__()
         parse_dtype(dtype)
@@ -114,6 +138,7 @@ class GhostRecoveryModule(L.LightningModule):
             raise ValueError(f"Invalid ridge {ridge}: set a non-negative value relative to the mean diagonal of XᵀX.")
         methods = check_methods(list(methods) if methods is not None else ["ghost"])
         self.plan_requests = expand_plans(criterion, num_layers, layers)
+        check_export_settings(export_dir, export_dtype, export_overwrite, len(self.plan_requests))
         self.save_hyperparameters()
         self.methods = methods
         self.model: torch.nn.Module | None = None
@@ -128,6 +153,11 @@ class GhostRecoveryModule(L.LightningModule):
         )
         self.evaluated_tokens = SumMetric()
         self.results: dict[str, Any] = {}
+        self.finetune = finetune if finetune is not None else FinetuneSettings()
+        self.lora_layers: list[torch.nn.Module] = []
+        self.reference: dict[str, float] = {}
+        # Checkpoints hold only trainable parameters and operators, so loading one is not strict.
+        self.strict_loading = False
 
     @property
     def recovered(self) -> RecoveredModel | None:
@@ -211,6 +241,8 @@ class GhostRecoveryModule(L.LightningModule):
             # A single plan stays pruned, with its first method active, for training and export.
             plans[0].recovered.pruner.prune()
             self.set_method(self.methods[0])
+        if stage == "fit":
+            self._prepare_training()
 
     def check_request(self) -> None:
         """Raise on a layer request the model cannot satisfy, reading only the model's metadata."""
@@ -241,13 +273,35 @@ class GhostRecoveryModule(L.LightningModule):
     def _evaluate_batch(self, batch: dict[str, torch.Tensor]) -> None:
         targets = batch["labels"][:, 1:]
         self.evaluated_tokens.update((targets != IGNORE_INDEX).sum())
+        for name, plan, variant in self._evaluations():
+            with self._variant(plan, variant):
+                logits = self(batch["input_ids"], batch["attention_mask"])
+            self.perplexity[_metric_key(name)].update(logits[:, :-1].float(), targets)
+
+    def _evaluations(self, variants: list[str] | None = None) -> list[tuple[str, Plan, str]]:
+        """``(metric name, plan, variant)`` to evaluate: during ``fit`` only the trained variant."""
+        if variants is None and self._fitting():
+            variants = [self.trained_method]
         evaluations = [(DENSE, self.plans[0], DENSE)]
         for plan in self.plans:
             evaluations += [(plan.metric_name(v), plan, v) for v in [PRUNED, *plan.applicable(self.methods)]]
-        for name, plan, variant in evaluations:
-            with plan.recovered.variant(variant):
-                logits = self(batch["input_ids"], batch["attention_mask"])
-            self.perplexity[_metric_key(name)].update(logits[:, :-1].float(), targets)
+        if variants is not None:
+            evaluations = [e for e in evaluations if e[2] in variants]
+        return evaluations
+
+    def _fitting(self) -> bool:
+        return self._trainer is not None and self.trainer.state.fn == "fit"
+
+    @contextmanager
+    def _variant(self, plan: Plan, variant: str):
+        """Switch to a variant; LoRA adapters count as part of the recovered model, not the references."""
+        lora = self.lora_layers and variant not in (DENSE, PRUNED)
+        set_lora_enabled(self.lora_layers, bool(lora))
+        try:
+            with plan.recovered.variant(variant) as model:
+                yield model
+        finally:
+            set_lora_enabled(self.lora_layers, True)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._evaluate_batch(batch)
@@ -263,6 +317,9 @@ class GhostRecoveryModule(L.LightningModule):
 
     def _finish_evaluation(self, prefix: str) -> None:
         # compute() synchronises the sums across ranks, so every rank logs the global values.
+        if self._fitting():
+            self._finish_training_evaluation(prefix)
+            return
         perplexities: dict[str, float | None] = {}
         for name in self.metric_names:
             metric = self.perplexity[_metric_key(name)]
@@ -280,29 +337,202 @@ class GhostRecoveryModule(L.LightningModule):
         dense = perplexities[DENSE]
         rank_zero_info(console_table(dense, self.results["plans"], self.methods, evaluated_tokens))
         self._write_results()
+        self.export_model()
 
     # -------------------------------------------------------------------------------- training
 
+    @property
+    def trained_method(self) -> str:
+        return self.methods[0]
+
+    def _prepare_training(self) -> None:
+        """Freeze everything but what ``finetune.trainable`` names, and add LoRA adapters if asked."""
+        settings = self.finetune
+        self.model.requires_grad_(False)
+        # peft marks every parameter but its adapters as frozen, so it runs before operators are unfrozen.
+        if settings.uses_lora and not self.lora_layers:
+            self.lora_layers = apply_lora(self.model, settings)
+        recovered = self.plans[0].recovered
+        for adapter in recovered.all_adapters():
+            for method, operator in adapter.operators.items():
+                operator.requires_grad_(settings.trains_operators and method == self.trained_method)
+        trainable, total = count_parameters(self.model)
+        parts = {"ghost": f"{self.trained_method} operators", "lora": "LoRA adapters"}
+        parts["both"] = f"{parts['ghost']} and {parts['lora']}"
+        rank_zero_info(f"Training {trainable:,} of {total:,} parameters ({parts[settings.trainable]}); the rest is frozen.")
+        self.trainable_parameters = (trainable, total)
+        hosts = {}
+        with recovered.pruner.dense():
+            for boundary in recovered.boundaries:
+                hosts[boundary.name] = stream_input_module(self.model, boundary.end)
+        self.boundary_hosts = hosts
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        logits = self(batch["input_ids"], batch["attention_mask"])
-        loss = torch.nn.functional.cross_entropy(
-            logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(), ignore_index=IGNORE_INDEX
-        )
+        settings = self.finetune
+        weights = {name: w for name, w in settings.losses.items() if w > 0}
+        plan = self.plans[0]
+        teacher_logits = teacher_states = None
+        if "kd" in weights or "mse" in weights:
+            with torch.no_grad(), self._variant(plan, DENSE), capture_inputs(self.boundary_hosts) as teacher_states:
+                teacher_logits = self(batch["input_ids"], batch["attention_mask"])
+        with capture_inputs(self.boundary_hosts) as student_states:
+            logits = self(batch["input_ids"], batch["attention_mask"])
+
+        terms = {}
+        if "kd" in weights:
+            terms["kd"] = kd_loss(logits, teacher_logits, batch["labels"], settings.temperature, settings.top_k)
+        if "mse" in weights:
+            mask = batch["attention_mask"].bool()
+            errors = [relative_hidden_error(student_states[k], teacher_states[k], mask) for k in student_states]
+            terms["mse"] = torch.stack(errors).mean()
+        if "ce" in weights:
+            terms["ce"] = lm_cross_entropy(logits, batch["labels"])
+        loss = sum(weights[name] * value for name, value in terms.items())
+        for name, value in terms.items():
+            self.log(f"train/loss_{name}", value)
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
     def configure_optimizers(self):
         parameters = [p for p in self.parameters() if p.requires_grad]
         if not parameters:
-            raise ValueError("Nothing to train: no parameter requires gradients.")
-        return torch.optim.AdamW(parameters, lr=1e-4, weight_decay=0.0)
+            raise ValueError("Nothing to train: no parameter requires gradients; check finetune.trainable.")
+        return torch.optim.AdamW(
+            parameters, lr=self.finetune.learning_rate, weight_decay=self.finetune.weight_decay
+        )
+
+    @torch.no_grad()
+    def _evaluate_now(self, variants: list[str]) -> dict[str, float]:
+        """Evaluate ``variants`` on the validation windows outside Lightning's loop (all ranks take part)."""
+        evaluations = self._evaluations(variants)
+        metrics = {name: Perplexity(ignore_index=IGNORE_INDEX).to(self.device) for name, _, _ in evaluations}
+        was_training = self.training
+        self.eval()
+        try:
+            for batch in self.trainer.datamodule.val_dataloader():
+                batch = {k: v.to(self.device) for k, v in batch.items()}
+                for name, plan, variant in evaluations:
+                    with self._variant(plan, variant):
+                        logits = self(batch["input_ids"], batch["attention_mask"])
+                    metrics[name].update(logits[:, :-1].float(), batch["labels"][:, 1:])
+        finally:
+            self.train(was_training)
+        return {name: float(metric.compute()) for name, metric in metrics.items()}
+
+    def on_train_start(self) -> None:
+        # The training-free result is step 0 of the same curve that fine-tuned validation continues.
+        if self.reference:
+            return
+        self.reference = self._evaluate_now([DENSE, PRUNED, self.trained_method])
+        self.training_free = self.reference.pop(self.trained_method)
+        if self.logger is not None:
+            metrics = {f"val/perplexity/{name}": value for name, value in self.reference.items()}
+            metrics[f"val/perplexity/{self.trained_method}"] = self.training_free
+            self.logger.log_metrics(metrics, step=0)
+        rank_zero_info(
+            f"Before fine-tuning: dense {self.reference[DENSE]:.3f}, pruned {self.reference[PRUNED]:.3f}, "
+            f"{self.trained_method} {self.training_free:.3f}"
+        )
+
+    def _finish_training_evaluation(self, prefix: str) -> None:
+        name = self.trained_method
+        metric = self.perplexity[_metric_key(name)]
+        value = float(metric.compute())
+        metric.reset()
+        self.evaluated_tokens.reset()
+        if self.trainer.sanity_checking:
+            return
+        self.log(f"{prefix}/perplexity/{name}", value)
+        for reference, reference_value in self.reference.items():
+            self.log(f"{prefix}/perplexity/{reference}", reference_value)
+
+    def on_train_end(self) -> None:
+        fine_tuned = self._evaluate_now([self.trained_method])[self.trained_method]
+        perplexities = {**self.reference, self.trained_method: fine_tuned}
+        evaluated = int(self.trainer.datamodule.summary.get("evaluation", {}).get("target_tokens", 0))
+        self.results = self._build_results("fit", perplexities, evaluated)
+        trainable, total = self.trainable_parameters
+        self.results["fine_tune"] = {
+            "method": self.trained_method,
+            "trainable": self.finetune.trainable,
+            "losses": dict(self.finetune.losses),
+            "steps": self.global_step,
+            "trainable_parameters": trainable,
+            "total_parameters": total,
+            "perplexity": {
+                DENSE: self.reference[DENSE],
+                PRUNED: self.reference[PRUNED],
+                "training_free": self.training_free,
+                "fine_tuned": fine_tuned,
+            },
+        }
+        table = self.results["fine_tune"]["perplexity"]
+        rank_zero_info(
+            "Held-out perplexity: "
+            + ", ".join(f"{name} {value:.3f}" for name, value in table.items())
+            + f" after {self.global_step} steps"
+        )
+        self._write_results()
+
+    def on_fit_end(self) -> None:
+        self.export_model()
+
+    @rank_zero_only
+    def export_model(self) -> Path | None:
+        """Export the single plan with its first method to ``export_dir``; returns the directory, or None without one."""
+        if self.hparams.get("export_dir") is None or not self.plans:
+            return None
+        datamodule = self.trainer.datamodule if self._trainer is not None else None
+        tokenizer = getattr(datamodule, "tokenizer_object", None)
+        return export_recovered(
+            self.model,
+            self.recovered,
+            self.methods[0],
+            self.hparams.export_dir,
+            dtype=self.hparams.export_dtype,
+            tokenizer=tokenizer,
+            card=self.results,
+            overwrite=self.hparams.export_overwrite,
+        )
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep trainable parameters and operators only, with the plan they belong to."""
+        trainable = {name for name, p in self.named_parameters() if p.requires_grad}
+        checkpoint["state_dict"] = {
+            name: tensor
+            for name, tensor in checkpoint["state_dict"].items()
+            if name in trainable or ".ghost_adapter" in name
+        }
+        plan = self.plans[0]
+        checkpoint["ghostpl_plan"] = {
+            "removed_layers": plan.selection.removed,
+            "boundaries": [b.name for b in plan.recovered.boundaries],
+            "methods": self.methods,
+            "trained_method": self.trained_method,
+            "reference_perplexity": self.reference,
+            "training_free_perplexity": getattr(self, "training_free", None),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        saved = checkpoint.get("ghostpl_plan")
+        if saved is None or not self.plans:
+            return
+        removed = self.plans[0].selection.removed
+        if saved["removed_layers"] != removed:
+            raise ValueError(
+                f"The checkpoint was trained with layers {saved['removed_layers']} removed, but this run removes "
+                f"{removed}: use the checkpoint's settings (criterion, num_layers, data) to resume."
+            )
+        if saved.get("reference_perplexity"):
+            self.reference = dict(saved["reference_perplexity"])
+            self.training_free = saved["training_free_perplexity"]
 
     # --------------------------------------------------------------------------------- reports
 
     def _build_results(self, prefix: str, perplexities: dict[str, float], evaluated_tokens: int) -> dict[str, Any]:
         plans = []
         for plan in self.plans:
-            variants = {v: perplexities[plan.metric_name(v)] for v in [PRUNED, *self.methods]}
+            variants = {v: perplexities.get(plan.metric_name(v)) for v in [PRUNED, *self.methods]}
             entry = plan_results(plan.label, plan.selection, plan.recovered, plan.solutions, variants)
             entry["skipped_methods"] = dict(plan.skipped)
             plans.append(entry)
@@ -328,7 +558,9 @@ class GhostRecoveryModule(L.LightningModule):
             results["boundaries"] = single["boundaries"]
             results["num_layers_after"] = single["num_layers_after"]
             results["perplexity_ratio_to_pruned"] = {
-                v: perplexities[v] / perplexities[PRUNED] for v in self.metric_names if v != PRUNED and perplexities[v]
+                v: perplexities[v] / perplexities[PRUNED]
+                for v in self.metric_names
+                if v != PRUNED and perplexities.get(v) is not None
             }
         return results
 

@@ -470,7 +470,7 @@ def test_module_checks_calibration_first(tmp_path):
         module.setup()
 
 
-@pytest.mark.parametrize("num_calibration", [5, 6, 1])
+@pytest.mark.parametrize("num_calibration", [5, 6, 2])
 def test_calibration_shards_disjoint(tmp_path, num_calibration):
     folder = write_text_files(tmp_path / "texts", make_documents(8, 40))
     module = make_module(make_tokenizer(add_bos=False), folder, seq_len=16, num_calibration=num_calibration)
