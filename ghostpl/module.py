@@ -10,6 +10,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.cli import instantiate_class
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 from torchmetrics import SumMetric
@@ -108,6 +109,10 @@ class GhostRecoveryModule(L.LightningModule):
         progress: Show progress bars for the calibration passes.
         finetune: What ``fit`` trains (operators, LoRA or both) and its loss; see
             :class:`~ghostpl.finetune.FinetuneSettings`. Read only by ``fit``.
+        optimizer: Optimizer for ``fit`` as ``class_path``/``init_args``, set with ``--optimizer``;
+            without one, AdamW with ``finetune.learning_rate`` and ``finetune.weight_decay``.
+        lr_scheduler: Learning-rate scheduler for ``fit``, set with ``--lr_scheduler``; it steps
+            after every optimizer step, not every epoch.
         export_dir: Directory to write the pruned model with the first method's repair to, as a
             Hugging Face model directory (see :mod:`ghostpl.export`), at the end of ``validate``,
             ``test`` and ``fit``. Needs a single plan. ``None`` exports nothing.
@@ -131,6 +136,8 @@ class GhostRecoveryModule(L.LightningModule):
         export_dir: str | None = None,
         export_dtype: str = "float32",
         export_overwrite: bool = False,
+        optimizer: dict | None = None,
+        lr_scheduler: dict | None = None,
     ):
         super().__init__()
         parse_dtype(dtype)
@@ -397,9 +404,14 @@ class GhostRecoveryModule(L.LightningModule):
         parameters = [p for p in self.parameters() if p.requires_grad]
         if not parameters:
             raise ValueError("Nothing to train: no parameter requires gradients; check finetune.trainable.")
-        return torch.optim.AdamW(
-            parameters, lr=self.finetune.learning_rate, weight_decay=self.finetune.weight_decay
-        )
+        if self.hparams.get("optimizer"):
+            optimizer = instantiate_class(parameters, self.hparams.optimizer)
+        else:
+            optimizer = torch.optim.AdamW(parameters, lr=self.finetune.learning_rate, weight_decay=self.finetune.weight_decay)
+        if not self.hparams.get("lr_scheduler"):
+            return optimizer
+        scheduler = instantiate_class(optimizer, self.hparams.lr_scheduler)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     @torch.no_grad()
     def _evaluate_now(self, variants: list[str]) -> dict[str, float]:

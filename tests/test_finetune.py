@@ -270,3 +270,31 @@ def test_resume_matches_uninterrupted(workspace):
     _, resumed_dir = run_fit(resumed_args)
     resumed = json.loads((resumed_dir / "results.json").read_text())["fine_tune"]["perplexity"]["fine_tuned"]
     assert resumed == full
+
+
+def test_optimizer_and_scheduler_flags(workspace):
+    args = fit_args(
+        workspace,
+        "--optimizer",
+        "SGD",
+        "--optimizer.lr",
+        "0.05",
+        "--lr_scheduler",
+        "StepLR",
+        "--lr_scheduler.step_size",
+        "1",
+        "--lr_scheduler.gamma",
+        "0.5",
+        "--trainer.max_steps",
+        "2",
+        "--trainer.limit_val_batches",
+        "0",
+        run_dir="optimizer",
+    )
+    cli, _ = run_fit(args)
+    optimizer = cli.trainer.optimizers[0]
+    assert isinstance(optimizer, torch.optim.SGD)
+    # StepLR halves the rate after each of the two optimizer steps.
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.05 * 0.25)
+    trained = {id(p) for p in optimizer.param_groups[0]["params"]}
+    assert trained == {id(p) for p in cli.model.parameters() if p.requires_grad}
