@@ -602,6 +602,13 @@ class GhostRecoveryModule(L.LightningModule):
             for method, by_boundary in plan.solutions.items():
                 for boundary, solution in by_boundary.items():
                     tensors[f"{prefix}{method}/{boundary}"] = solution.delta
+        if self.results.get("stage") == "fit":
+            # After fine-tuning, the trained operators replace their closed-form starting points.
+            recovered = self.plans[0].recovered
+            for adapters in (recovered.adapters, recovered.output_adapters):
+                for name, adapter in adapters.items():
+                    if self.trained_method in adapter.operators:
+                        tensors[f"{self.trained_method}/{name}"] = adapter.operators[self.trained_method].delta
         return tensors
 
     @rank_zero_only

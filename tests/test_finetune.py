@@ -217,6 +217,17 @@ def test_fit_logs_training_free_at_step_zero(workspace):
     assert 0 < results["fine_tune"]["trainable_parameters"] < results["fine_tune"]["total_parameters"]
 
 
+def test_fit_saves_trained_operator(workspace):
+    from safetensors.torch import load_file
+
+    cli, log_dir = run_fit(fit_args(workspace, "--model.finetune.learning_rate", "0.01", run_dir="saved"))
+    saved = load_file(log_dir / "operators.safetensors")["ghost/2-4"]
+    trained = cli.model.recovered.adapters["2-4"].operators["ghost"].delta.detach().double()
+    closed_form = cli.model.solutions["ghost"]["2-4"].delta
+    assert torch.equal(saved, trained)
+    assert not torch.allclose(saved, closed_form)
+
+
 def test_checkpoint_holds_trainable_and_plan(workspace):
     _, log_dir = run_fit(fit_args(workspace, run_dir="checkpoint"))
     checkpoint_path = next((log_dir / "checkpoints").glob("*.ckpt"))
