@@ -2,7 +2,7 @@
 
 Layer indices are 0-based. A boundary is one maximal run of consecutive removed layers
 ``[start, end)``. Its input ``X_pre`` is the residual stream entering layer ``start`` and its target
-``X_post`` is the stream entering layer ``end`` of the unpruned model; when ``end`` equals the layer
+``X_post`` is the stream entering layer ``end`` of the unpruned model. When ``end`` equals the layer
 count, ``X_post`` is the input of the final norm.
 """
 

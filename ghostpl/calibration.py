@@ -32,7 +32,7 @@ def _first_input(args: tuple, kwargs: dict) -> torch.Tensor:
 
 
 def stream_input_module(model: nn.Module, index: int) -> nn.Module:
-    """The module whose first input is ``h_index``: layer ``index``, or the final norm for ``L``."""
+    """Return the module whose first input is ``h_index``: layer ``index``, or the final norm for ``L``."""
     layers = decoder_layers(model)
     if index == len(layers):
         return final_norm(model)
@@ -130,8 +130,8 @@ def collect_boundary_statistics(
 ) -> list[BoundaryStatistics]:
     """Accumulate each boundary's float64 sums over ``batches`` in one pass of the dense model.
 
-    Each batch holds ``input_ids`` and ``attention_mask`` of shape ``(B, T)``; positions with mask 0
-    never enter a sum. The pass stops after the input of the last boundary's end layer.
+    Each batch contains ``input_ids`` and ``attention_mask`` of shape ``(B, T)``. Positions with
+    mask 0 never enter a sum. The pass stops after the input of the last boundary's end layer.
 
     ``extras`` names the optional sums to collect in the same pass (see
     :data:`ghostpl.statistics.EXTRA_KINDS`): ``rotated_abs`` rotates both streams by the normalised

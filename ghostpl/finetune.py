@@ -1,6 +1,6 @@
 """Fine-tuning after the closed-form initialisation: what trains, and the losses.
 
-The student is the pruned model with its operators (and optional LoRA adapters); the teacher is
+The student is the pruned model with its operators and optional LoRA adapters. The teacher is
 the same weights in the dense layout with every adapter off, so no second copy of the model is
 kept. Losses work on one batch of ``(B, T)`` windows whose padded positions carry label -100.
 """
@@ -22,7 +22,7 @@ DEFAULT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up
 
 @dataclass
 class FinetuneSettings:
-    """What ``ghostpl fit`` trains and how the loss is built.
+    """Settings of ``ghostpl fit``: the parameters it trains and the terms of its loss.
 
     Attributes:
         trainable: ``ghost`` (only the operators of the active method), ``lora`` (LoRA adapters on

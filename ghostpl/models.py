@@ -108,7 +108,7 @@ def _join_gguf_parts(name: str, entry: EmbeddedModel, root: Path) -> Path:
 
 @dataclass(frozen=True)
 class ResolvedSpec:
-    """Where ``from_pretrained`` should read a model from."""
+    """Location that ``from_pretrained`` reads a model from."""
 
     path: str
     gguf_file: str | None = None

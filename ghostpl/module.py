@@ -595,7 +595,7 @@ class GhostRecoveryModule(L.LightningModule):
         return Path(log_dir) if log_dir else None
 
     def operator_tensors(self) -> dict[str, torch.Tensor]:
-        """Every solved ``M`` by ``[<plan>/]<method>/<boundary>``."""
+        """Return every solved ``M`` keyed by ``[<plan>/]<method>/<boundary>``."""
         tensors = {}
         for plan in self.plans:
             prefix = f"{plan.label}/" if plan.label else ""
@@ -646,5 +646,5 @@ class GhostRecoveryModule(L.LightningModule):
 
 
 def _metric_key(name: str) -> str:
-    """A module-safe key for a metric name: submodule names cannot contain dots or slashes."""
+    """Turn a metric name into a submodule key, because submodule names cannot contain dots or slashes."""
     return re.sub(r"[^0-9A-Za-z_]", "_", name)

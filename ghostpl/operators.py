@@ -42,7 +42,7 @@ class LinearOperator(nn.Module):
         return (x32 + x32 @ self.delta).to(x.dtype)
 
     def matrix(self) -> torch.Tensor:
-        """The full operator ``W = I + M``."""
+        """Return the full operator ``W = I + M``."""
         eye = torch.eye(self.delta.shape[0], dtype=self.delta.dtype, device=self.delta.device)
         return eye + self.delta
 

@@ -20,7 +20,7 @@ from ghostpl.models import base_model, text_config
 
 
 def _configs(model: nn.Module) -> list[Any]:
-    """The configs that record the layer count: the model's, and its text config if separate."""
+    """Return the configs that record the layer count: the model's, and its text config if separate."""
     configs = [model.config]
     inner = text_config(model)
     if inner is not model.config:
@@ -43,7 +43,7 @@ def _per_layer_fields(config: Any, num_layers: int) -> list[str]:
 
 
 def _layer_indices(layer: nn.Module) -> list[tuple[nn.Module, int]]:
-    """Every submodule of ``layer`` with an integer ``layer_idx``, with that index."""
+    """Return every submodule of ``layer`` that has an integer ``layer_idx``, with that index."""
     return [
         (module, module.layer_idx)
         for module in layer.modules()

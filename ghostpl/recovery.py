@@ -100,7 +100,7 @@ def method_spec(name: str) -> RecoveryMethod:
 
 
 def method_applies(method: str, boundaries: Iterable[Boundary]) -> bool:
-    """Whether ``method`` can repair every boundary: one on the MLP output needs a kept layer before each."""
+    """Check whether ``method`` can repair every boundary. A method on the MLP output needs a kept layer before each."""
     return method_spec(method).position != OUTPUT or all(b.start > 0 for b in boundaries)
 
 
@@ -163,7 +163,7 @@ def expand_plans(
 
 
 def similarity_statistics(model: nn.Module, batches: Batches, progress: bool = True) -> SimilarityStatistics:
-    """One selection pass over the dense model, summed over every rank."""
+    """Run one selection pass over the dense model and sum the result over every rank."""
     stats = collect_similarity_statistics(model, batches(), progress=progress)
     all_reduce_tensors(stats.tensors())
     return stats
@@ -274,8 +274,8 @@ class RecoveredModel:
     def build(cls, model: nn.Module, removed: list[int], tag: str = "", prune: bool = True) -> RecoveredModel:
         """Attach empty adapters at each boundary and, with ``prune``, switch to the pruned layout.
 
-        Several plans can share one model when each has its own ``tag`` and all are built while the
-        model is dense with ``prune=False``; each plan then prunes only inside :meth:`variant`.
+        Several plans can share one model when each has its own ``tag`` and all are built with
+        ``prune=False`` while the model is dense. Each plan then prunes only inside :meth:`variant`.
         """
         attribute = f"{ADAPTER_ATTRIBUTE}_{tag}" if tag else ADAPTER_ATTRIBUTE
         pruner = LayerPruner(model, removed)

@@ -1,7 +1,7 @@
 """Sufficient statistics of each boundary, accumulated in float64 over calibration tokens.
 
 Rows are tokens: ``X_pre`` and ``X_post`` are ``(N, D)``. Every field is a sum over tokens, never a
-mean, so that chunks of a batch, batches and ranks combine by addition; padded positions are
+mean, so that chunks of a batch, batches and ranks combine by addition. Padded positions are
 removed before anything is summed. Nothing here keeps activations beyond the call that adds them.
 """
 
@@ -78,7 +78,7 @@ class BoundaryStatistics:
         return self.XtX.shape[0]
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        """All sums by name, the optional ones under ``extra/<name>``."""
+        """Return all sums by name, the optional ones under ``extra/<name>``."""
         named = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}
         named.update({f"extra/{k}": v for k, v in sorted(self.extra.items())})
         return named

@@ -256,7 +256,7 @@ class StopAtStep(L.Callback):
 
 def test_resume_matches_uninterrupted(workspace):
     # Two windows make an epoch of two steps, so the checkpoint after step 2 closes an epoch and
-    # the resumed run sees the same batches in the same order as the uninterrupted one.
+    # the resumed run gets the same batches in the same order as the uninterrupted one.
     checkpoint_args = [
         "--data.num_train",
         "2",
